@@ -1,0 +1,347 @@
+"""Dynamic convolution layers: thin ``nn.Module`` wrappers around :func:`condconv.functional.dynamic_conv2d`.
+
+- :class:`CondConv2d` — Yang et al., "CondConv: Conditionally Parameterized Convolutions for Efficient Inference",
+  NeurIPS 2019, arXiv:1904.04971.
+- :class:`DynamicConv2d` — Chen et al., "Dynamic Convolution: Attention over Convolution Kernels", CVPR 2020,
+  arXiv:1912.03458.
+- :class:`ODConv2d` — Li, Zhou, Yao, "Omni-Dimensional Dynamic Convolution", ICLR 2022, arXiv:2209.07947.
+
+All three take :class:`torch.nn.Conv2d`'s arguments in the same order, then keyword-only dynamic options, and
+hold their experts in one parameter ``weight`` of shape ``(num_experts, out_channels, in_channels // groups, kh,
+kw)`` (``bias``: ``(num_experts, out_channels)``), each expert initialised like its own ``nn.Conv2d``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from condconv.functional import (
+    PADDING_MODES,
+    STRATEGIES,
+    _pair,
+    dynamic_conv2d,
+    get_default_strategy,
+    resolve_padding,
+)
+from condconv.routing import OmniRouter, SigmoidRouter, SoftmaxRouter
+
+__all__ = ["CondConv2d", "DynamicConv2d", "ODConv2d", "make_conv2d", "DynamicConvBase", "CONV_KINDS"]
+
+CONV_KINDS = ("static", "condconv", "dynamic", "odconv")
+
+
+def _positive_int(value: object, name: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+class DynamicConvBase(nn.Module):
+    """Shared configuration, parameters, validation and execution of the dynamic convolution layers."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *,
+                 num_experts: int, strategy: str | None = None) -> None:
+        super().__init__()
+        self.in_channels = _positive_int(in_channels, "in_channels")
+        self.out_channels = _positive_int(out_channels, "out_channels")
+        self.groups = _positive_int(groups, "groups")
+        self.num_experts = _positive_int(num_experts, "num_experts")
+        if in_channels % groups:
+            raise ValueError(f"in_channels ({in_channels}) must be divisible by groups ({groups})")
+        if out_channels % groups:
+            raise ValueError(f"out_channels ({out_channels}) must be divisible by groups ({groups})")
+        self.kernel_size = _pair(kernel_size, "kernel_size")
+        self.stride = _pair(stride, "stride")
+        self.dilation = _pair(dilation, "dilation")
+        for name, value in (("kernel_size", self.kernel_size), ("stride", self.stride), ("dilation", self.dilation)):
+            if min(value) < 1:
+                raise ValueError(f"{name} must be positive, got {value}")
+        if padding_mode not in PADDING_MODES:
+            raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
+        resolve_padding(padding, self.kernel_size, self.stride, self.dilation)  # validates
+        self.padding = padding if isinstance(padding, str) else _pair(padding, "padding")
+        self.padding_mode = padding_mode
+        if strategy is not None and strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be None or one of {STRATEGIES}, got {strategy!r}")
+        self.strategy = strategy
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(
+            torch.empty(num_experts, out_channels, in_channels // groups, *self.kernel_size, **factory))
+        self.bias = nn.Parameter(torch.empty(num_experts, out_channels, **factory)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Initialise each expert exactly as ``nn.Conv2d`` initialises its kernel (fan-in of one expert)."""
+        fan_in = self.weight.shape[2] * self.weight.shape[3] * self.weight.shape[4]
+        for expert in range(self.num_experts):
+            nn.init.kaiming_uniform_(self.weight[expert], a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def _check_input(self, x: Tensor) -> None:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"{type(self).__name__} expects a 4-D input (batch, {self.in_channels}, height, width), "
+                             f"got shape {tuple(x.shape)}")
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f"{type(self).__name__} expects {self.in_channels} input channels, got {x.shape[1]} "
+                             f"(input shape {tuple(x.shape)})")
+
+    def _check_routing(self, routing: Tensor, batch: int) -> None:
+        if not isinstance(routing, Tensor):
+            raise TypeError(f"routing_weights must be a torch.Tensor, got {type(routing).__name__}")
+        if routing.dim() != 2 or routing.shape[0] != batch or routing.shape[1] != self.num_experts:
+            raise ValueError(f"routing_weights must have shape (batch, num_experts) = ({batch}, {self.num_experts}), "
+                             f"got {tuple(routing.shape)}")
+
+    def _run(self, x: Tensor, routing: Tensor, bias: Tensor | None, spatial: Tensor | None = None) -> Tensor:
+        return dynamic_conv2d(x, self.weight, routing, bias, self.stride, self.padding, self.dilation, self.groups,
+                              self.padding_mode, spatial=spatial,
+                              strategy=self.strategy if self.strategy is not None else get_default_strategy())
+
+    def _load_static(self, conv: nn.Conv2d, gain: float, perturb: float, generator: torch.Generator | None) -> None:
+        """Fill every expert with ``conv``'s kernel divided by ``gain`` (the zeroed router's total weight).
+
+        ``perturb`` adds noise of that relative size (times the kernel's std) with zero mean across experts, so the
+        mixture, and with it the converted layer's output, stays exactly the original while experts differ.
+        """
+        if isinstance(perturb, bool) or not isinstance(perturb, (int, float)) or perturb < 0:
+            raise ValueError(f"perturb must be a non-negative number, got {perturb!r}")
+        with torch.no_grad():
+            base = conv.weight.detach().to(self.weight.dtype) / gain
+            self.weight.copy_(base.unsqueeze(0).expand_as(self.weight))
+            if perturb > 0 and self.num_experts > 1:
+                noise = torch.randn(self.weight.shape, generator=generator, dtype=self.weight.dtype,
+                                    device="cpu").to(self.weight.device)
+                noise -= noise.mean(0, keepdim=True)
+                self.weight.add_(noise * (perturb * base.std()))
+            if self.bias is not None:
+                if conv.bias is None:
+                    self.bias.zero_()
+                else:
+                    b = conv.bias.detach().to(self.bias.dtype)
+                    self.bias.copy_((b / gain).unsqueeze(0).expand_as(self.bias))
+
+    @staticmethod
+    def _conv_args(conv: nn.Conv2d) -> dict:
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"conv must be a torch.nn.Conv2d, got {type(conv).__name__}")
+        return {
+            "in_channels": conv.in_channels, "out_channels": conv.out_channels, "kernel_size": conv.kernel_size,
+            "stride": conv.stride, "padding": conv.padding, "dilation": conv.dilation, "groups": conv.groups,
+            "bias": conv.bias is not None, "padding_mode": conv.padding_mode, "device": conv.weight.device,
+            "dtype": conv.weight.dtype,
+        }
+
+    def extra_repr(self) -> str:
+        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+             f"num_experts={self.num_experts}")
+        if self.padding not in ((0, 0), "valid"):
+            s += f", padding={self.padding}"
+        if self.dilation != (1, 1):
+            s += f", dilation={self.dilation}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        if self.bias is None:
+            s += ", bias=False"
+        if self.padding_mode != "zeros":
+            s += f", padding_mode={self.padding_mode!r}"
+        if self.strategy is not None:
+            s += f", strategy={self.strategy!r}"
+        return s
+
+
+class CondConv2d(DynamicConvBase):
+    """Conditionally parameterized convolution: ``conv(x, sum_i r_i(x) W_i)`` with ``r = sigmoid(GAP(x) R)``.
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode, device,
+            dtype: as :class:`torch.nn.Conv2d`.
+        num_experts: number of expert kernels. Default 8.
+        routing: ``'sigmoid'`` (default, the paper's), ``'softmax'`` (with ``temperature``), or ``'external'``: no
+            router of its own; ``forward`` must then be given ``routing_weights`` (to share one routing across
+            a block's convolutions, as the official EfficientNet-CondConv code does).
+        temperature: softmax temperature (``routing='softmax'`` only). Default 1.
+        routing_dropout: dropout on the pooled routing input. Default 0.
+        strategy: execution strategy (:data:`condconv.STRATEGIES`); ``None`` follows the global default.
+
+    Shape:
+        ``forward(x, routing_weights=None)``: ``x`` ``(B, C_in, H, W)``, ``routing_weights`` ``(B, num_experts)``
+        -> ``(B, C_out, H_out, W_out)``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *,
+                 num_experts: int = 8, routing: str = "sigmoid", temperature: float = 1.0,
+                 routing_dropout: float = 0.0, strategy: str | None = None) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                         padding_mode, device, dtype, num_experts=num_experts, strategy=strategy)
+        factory = {"device": device, "dtype": dtype}
+        if routing == "sigmoid":
+            self.router = SigmoidRouter(in_channels, num_experts, routing_dropout, **factory)
+        elif routing == "softmax":
+            self.router = SoftmaxRouter(in_channels, num_experts, temperature=temperature, dropout=routing_dropout,
+                                        **factory)
+        elif routing == "external":
+            self.router = None
+        else:
+            raise ValueError(f"routing must be 'sigmoid', 'softmax' or 'external', got {routing!r}")
+        self.routing = routing
+
+    def forward(self, x: Tensor, routing_weights: Tensor | None = None) -> Tensor:
+        self._check_input(x)
+        if routing_weights is None:
+            if self.router is None:
+                raise ValueError("this CondConv2d has routing='external': pass routing_weights of shape "
+                                 f"(batch, {self.num_experts}) to forward()")
+            routing_weights = self.router(x)
+        else:
+            self._check_routing(routing_weights, x.shape[0])
+        return self._run(x, routing_weights, self.bias)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, *, num_experts: int = 8, perturb: float = 0.0,
+                  generator: torch.Generator | None = None, **kwargs) -> CondConv2d:
+        """A CondConv2d computing exactly what ``conv`` computes, until training changes it.
+
+        The router's output layer is zeroed (routing is a constant 0.5, or ``1/E`` for softmax) and each expert is
+        set to ``conv.weight`` divided by the routing's sum; ``perturb`` adds zero-mean noise across experts
+        (relative to the kernel's std) so experts can diverge in fine-tuning without changing the output now.
+        With ``routing='external'`` the experts are scaled for routing weights that sum to 1.
+        """
+        layer = cls(**cls._conv_args(conv), num_experts=num_experts, **kwargs)
+        gain = 1.0 if layer.router is None else layer.router.zero_().constant_sum()
+        layer._load_static(conv, gain, perturb, generator)
+        return layer
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ("" if self.routing == "sigmoid" else f", routing={self.routing!r}")
+
+
+class DynamicConv2d(DynamicConvBase):
+    """Dynamic convolution: ``conv(x, sum_i a_i(x) W_i)`` with ``a = softmax(MLP(GAP(x)) / T)``.
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode, device,
+            dtype: as :class:`torch.nn.Conv2d`.
+        num_experts: number of kernels. Default 4.
+        reduction: the routing MLP's hidden width is ``max(in_channels // reduction, 4)``. Default 4.
+        temperature: softmax temperature, a buffer; anneal it with :class:`condconv.TemperatureSchedule`. Default 1.
+        strategy: execution strategy; ``None`` follows the global default.
+
+    Shape:
+        ``forward(x, routing_weights=None)``: ``(B, C_in, H, W)`` -> ``(B, C_out, H_out, W_out)``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *,
+                 num_experts: int = 4, reduction: int = 4, temperature: float = 1.0,
+                 strategy: str | None = None) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                         padding_mode, device, dtype, num_experts=num_experts, strategy=strategy)
+        self.router = SoftmaxRouter(in_channels, num_experts, reduction=reduction, temperature=temperature,
+                                    device=device, dtype=dtype)
+
+    def forward(self, x: Tensor, routing_weights: Tensor | None = None) -> Tensor:
+        self._check_input(x)
+        if routing_weights is None:
+            routing_weights = self.router(x)
+        else:
+            self._check_routing(routing_weights, x.shape[0])
+        return self._run(x, routing_weights, self.bias)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, *, num_experts: int = 4, perturb: float = 0.0,
+                  generator: torch.Generator | None = None, **kwargs) -> DynamicConv2d:
+        """A DynamicConv2d computing exactly what ``conv`` computes (uniform routing, every kernel = ``conv``'s)."""
+        layer = cls(**cls._conv_args(conv), num_experts=num_experts, **kwargs)
+        layer._load_static(conv, layer.router.zero_().constant_sum(), perturb, generator)
+        return layer
+
+
+class ODConv2d(DynamicConvBase):
+    """Omni-dimensional dynamic convolution.
+
+    Per example: ``conv(x, sum_i a_e[i] * (a_s ⊙ a_in ⊙ a_out ⊙ W_i)) + sum_i a_e[i] * b_i``, computed as
+    ``a_out ⊙ conv(a_in ⊙ x, sum_i a_e[i] * (a_s ⊙ W_i))``: the channel attentions scale the input and output
+    maps, and only spatial x expert attention is mixed into the kernel. The attentions come from one
+    :class:`condconv.OmniRouter`; heads that are meaningless for the shape are skipped (spatial for 1x1 kernels,
+    output channel for depthwise layers, expert for a single expert).
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode, device,
+            dtype: as :class:`torch.nn.Conv2d`.
+        num_experts: number of kernels. Default 4.
+        reduction: attention trunk width relative to ``in_channels``. Default 1/16.
+        min_channels: smallest attention trunk width. Default 16.
+        temperature: attention temperature, a buffer. Default 1.
+        norm: trunk normalisation, ``'layer'`` (default, works at batch size 1), ``'batch'`` or ``'none'``.
+        strategy: execution strategy; ``None`` follows the global default.
+
+    Shape:
+        ``forward(x)``: ``(B, C_in, H, W)`` -> ``(B, C_out, H_out, W_out)``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *,
+                 num_experts: int = 4, reduction: float = 1 / 16, min_channels: int = 16, temperature: float = 1.0,
+                 norm: str = "layer", strategy: str | None = None) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                         padding_mode, device, dtype, num_experts=num_experts, strategy=strategy)
+        self.router = OmniRouter(in_channels, out_channels, self.kernel_size, groups, num_experts,
+                                 reduction=reduction, min_channels=min_channels, temperature=temperature, norm=norm,
+                                 device=device, dtype=dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        att = self.router(x)
+        routing = att.expert if att.expert is not None else x.new_ones((x.shape[0], 1), dtype=self.weight.dtype)
+        inp = x if att.in_channel is None else x * att.in_channel.to(x.dtype)[:, :, None, None]
+        out = self._run(inp, routing, None, att.spatial)
+        if att.out_channel is not None:
+            out = out * att.out_channel.to(out.dtype)[:, :, None, None]
+        if self.bias is not None:
+            out = out + torch.matmul(routing, self.bias).to(out.dtype)[:, :, None, None]
+        return out
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, *, num_experts: int = 4, perturb: float = 0.0,
+                  generator: torch.Generator | None = None, **kwargs) -> ODConv2d:
+        """An ODConv2d computing exactly what ``conv`` computes (constant attentions, experts rescaled)."""
+        layer = cls(**cls._conv_args(conv), num_experts=num_experts, **kwargs)
+        gain = layer.router.zero_().constant_gain()
+        layer._load_static(conv, gain, perturb, generator)
+        if layer.bias is not None and conv.bias is not None:
+            with torch.no_grad():  # the bias is added after the attentions: it must not be rescaled
+                layer.bias.copy_(conv.bias.detach().to(layer.bias.dtype).unsqueeze(0).expand_as(layer.bias))
+        return layer
+
+
+_LAYERS = {"condconv": CondConv2d, "dynamic": DynamicConv2d, "odconv": ODConv2d}
+
+
+def make_conv2d(conv: str, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                groups: int = 1, bias: bool = True, *, num_experts: int | None = None, **layer_kwargs) -> nn.Module:
+    """Build a convolution of the requested kind, so blocks gain dynamic variants without being rewritten.
+
+    Args:
+        conv: ``'static'`` (a plain :class:`torch.nn.Conv2d`), ``'condconv'``, ``'dynamic'`` or ``'odconv'``.
+        num_experts: experts of a dynamic layer; ``None`` takes the layer's default. Ignored for ``'static'``.
+        **layer_kwargs: further arguments of the chosen layer (``padding_mode``, ``routing``, ``temperature``...).
+    """
+    if conv == "static":
+        layer_kwargs = {k: v for k, v in layer_kwargs.items() if k in ("padding_mode", "device", "dtype")}
+        return nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                         **layer_kwargs)
+    if conv not in _LAYERS:
+        raise ValueError(f"conv must be one of {CONV_KINDS}, got {conv!r}")
+    if num_experts is not None:
+        layer_kwargs["num_experts"] = num_experts
+    return _LAYERS[conv](in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                         **layer_kwargs)
