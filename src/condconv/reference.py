@@ -23,7 +23,7 @@ def _static_conv(weight: Tensor, stride, padding, dilation, groups, padding_mode
 def reference_dynamic_conv2d(x: Tensor, weight: Tensor, routing: Tensor, bias: Tensor | None = None, stride=1,
                              padding=0, dilation=1, groups: int = 1, padding_mode: str = "zeros", *,
                              spatial: Tensor | None = None) -> Tensor:
-    """Per-example loop: ``conv(x[b], sum_e routing[b, e] * weight[e] * spatial[b]) + sum_e routing[b, e] * bias[e]``."""
+    """Per-example loop: ``conv(x[b], sum_e r[b, e] * weight[e] * spatial[b]) + sum_e r[b, e] * bias[e]``."""
     conv = _static_conv(weight, stride, padding, dilation, groups, padding_mode, bias is not None)
     outs = []
     for b in range(x.shape[0]):
