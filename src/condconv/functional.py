@@ -51,10 +51,14 @@ __all__ = [
 STRATEGIES = ("auto", "grouped", "experts", "bmm", "single")
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
-# Temporaries bigger than this are produced chunk by chunk over the batch: glibc's allocator serves blocks under
-# its (adaptive, at most 32 MiB) mmap threshold from reusable heap memory, larger ones from fresh pages that
-# are zero-filled on every call. Keeping the mixed kernels of one chunk below it roughly halves their cost.
-_CHUNK_BYTES = 16 * 2**20
+# On the CPU, per-example kernels are mixed chunk by chunk over the batch, each chunk's kernels at most this big:
+# glibc's allocator serves blocks under its adaptive mmap threshold from reusable heap memory, larger ones from
+# fresh pages that are faulted in and zero-filled on every call (measured: this costs more than the mixing).
+_CHUNK_BYTES = 8 * 2**20
+
+# The CPU ``bmm`` path runs through a custom autograd function with reused buffers; False falls back to plain
+# autograd over mix_kernels + matmul (both are tested against the reference).
+FUSED_CPU = True
 
 _state = threading.local()
 _global_default = ["auto"]
@@ -258,6 +262,9 @@ def dynamic_conv2d(
         ``(B, C_out, H_out, W_out)``.
     """
     _check_strategy(strategy)
+    for name, value in (("x", x), ("weight", weight), ("routing", routing), ("bias", bias), ("spatial", spatial)):
+        if not isinstance(value, Tensor) and (value is not None or name in ("x", "weight", "routing")):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if weight.dim() != 5:
         raise ValueError(f"weight must be 5-D (num_experts, out_channels, in_channels // groups, kh, kw), "
                          f"got shape {tuple(weight.shape)}")
@@ -324,9 +331,12 @@ def dynamic_conv2d(
     if chosen == "experts":
         out = _experts(x, weight, routing, spatial, geometry, (out_h, out_w))
     elif chosen == "bmm":
-        out = _chunked(_bmm, x, weight, routing, spatial, geometry, (out_h, out_w))
+        if _use_fused(x, weight, routing, spatial):
+            out = _fused_bmm(x, weight, routing, spatial, geometry, (out_h, out_w))
+        else:
+            out = _per_example(_bmm, x, weight, routing, spatial, geometry, (out_h, out_w))
     elif chosen == "grouped":
-        out = _chunked(_grouped, x, weight, routing, spatial, geometry, (out_h, out_w))
+        out = _per_example(_grouped, x, weight, routing, spatial, geometry, (out_h, out_w))
     else:  # single
         kernel = mix_kernels(routing, weight, spatial)[0]
         out = F.conv2d(x, kernel, None, stride_, conv_pad, dilation_, groups)
@@ -335,52 +345,232 @@ def dynamic_conv2d(
     return out
 
 
-def _chunked(fn, x, weight, routing, spatial, geometry, out_hw) -> Tensor:
-    """Run a per-example-kernel strategy over batch chunks whose mixed kernels fit in ``_CHUNK_BYTES``."""
-    batch = x.shape[0]
-    kernel_bytes = weight[0].numel() * x.element_size()
-    chunk = max(1, _CHUNK_BYTES // max(1, kernel_bytes))
-    if chunk >= batch or _is_tracing():
-        return fn(x, weight, routing, spatial, geometry, out_hw)
-    outs = [
-        fn(x[i:i + chunk], weight, routing[i:i + chunk], None if spatial is None else spatial[i:i + chunk],
-           geometry, out_hw)
-        for i in range(0, batch, chunk)
-    ]
-    return torch.cat(outs, 0)
+def _use_fused(x: Tensor, weight: Tensor, routing: Tensor, spatial: Tensor | None) -> bool:
+    """Whether the ``bmm`` strategy runs through the chunked, workspace-reusing :class:`_MixedMatmul`."""
+    if not FUSED_CPU or x.device.type != "cpu" or _is_tracing() or _autocast_on("cpu"):
+        return False
+    return x.dtype == weight.dtype == routing.dtype and (spatial is None or spatial.dtype == x.dtype)
 
 
-def _grouped(x, weight, routing, spatial, geometry, out_hw) -> Tensor:
+def _needs_grad(*tensors: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 takes no argument
+        return torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
+
+
+def _workspace(numel: int, like: Tensor, slot: int = 0) -> Tensor:
+    """A per-thread reusable flat buffer (grown on demand; about ``_CHUNK_BYTES`` per slot, device and dtype)."""
+    cache = getattr(_state, "workspace", None)
+    if cache is None:
+        cache = _state.workspace = {}
+    key = (like.device, like.dtype, slot)
+    buf = cache.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = cache[key] = torch.empty(numel, device=like.device, dtype=like.dtype)
+    return buf[:numel]
+
+
+def _per_example(apply, x, weight, routing, spatial, geometry, out_hw) -> Tensor:
+    """Mix per-example kernels and ``apply`` them, over batch chunks whose kernels fit in ``_CHUNK_BYTES``.
+
+    Without autograd on the CPU, each chunk's kernels are mixed into one reused buffer (``matmul(out=)``): fresh
+    multi-megabyte allocations fault in zeroed pages on every call, which can cost more than the mixing itself.
+    """
+    batch, experts = routing.shape
+    numel = weight[0].numel()
+    chunk = batch
+    if x.device.type == "cpu" and not _is_tracing():
+        chunk = _chunk_size(batch, numel, weight)
+    reuse = (x.device.type == "cpu" and not _needs_grad(x, weight, routing, spatial) and not _is_tracing()
+             and not _autocast_on("cpu") and routing.dtype == weight.dtype)
+    if chunk >= batch and not reuse:
+        return apply(x, mix_kernels(routing, weight, spatial), geometry, out_hw)
+    flat_weight = weight.reshape(experts, numel)
+    buffer = _workspace(chunk * numel, weight) if reuse else None
+    outs = []
+    for i in range(0, batch, chunk):
+        j = min(i + chunk, batch)
+        if buffer is not None:
+            kernels = torch.matmul(routing[i:j], flat_weight, out=buffer[:(j - i) * numel].view(j - i, numel))
+            kernels = kernels.view(j - i, *weight.shape[1:])
+            if spatial is not None:
+                kernels.mul_(spatial[i:j].reshape(j - i, 1, 1, *spatial.shape[1:]))
+        else:
+            kernels = mix_kernels(routing[i:j], weight, None if spatial is None else spatial[i:j])
+        outs.append(apply(x[i:j], kernels, geometry, out_hw))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, 0)
+
+
+def _grouped(x: Tensor, kernels: Tensor, geometry, out_hw) -> Tensor:
     stride, pad, dilation, groups = geometry
     batch, channels, height, width = x.shape
-    kernels = mix_kernels(routing, weight, spatial)  # (B, O, I/g, kh, kw)
-    kernels = kernels.reshape(batch * weight.shape[1], *weight.shape[2:])
-    out = F.conv2d(x.reshape(1, batch * channels, height, width), kernels, None, stride, pad, dilation,
-                   batch * groups)
-    return out.reshape(batch, weight.shape[1], *out.shape[-2:])
+    out_channels = kernels.shape[1]
+    out = F.conv2d(x.reshape(1, batch * channels, height, width), kernels.reshape(-1, *kernels.shape[2:]), None,
+                   stride, pad, dilation, batch * groups)
+    return out.reshape(batch, out_channels, *out.shape[-2:])
 
 
-def _bmm(x, weight, routing, spatial, geometry, out_hw) -> Tensor:
+def _bmm_columns(x: Tensor, kernel_size, geometry, out_hw) -> Tensor:
+    """The input as matmul columns ``(B, groups, C_in/groups * kh * kw, H_out * W_out)`` (a view for 1x1)."""
     stride, pad, dilation, groups = geometry
     batch, channels = x.shape[:2]
-    experts, out_channels, in_per_group, kh, kw = weight.shape
-    out_h, out_w = out_hw
-    kernels = mix_kernels(routing, weight, spatial)
+    kh, kw = kernel_size
+    length = out_hw[0] * out_hw[1]
     if (kh, kw) == (1, 1):
         if stride != (1, 1):
             x = x[:, :, ::stride[0], ::stride[1]]
-        if groups == 1 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-            # channels-last: (B, HW, C) is a free view; the result comes back channels-last as well
-            cols = x.permute(0, 2, 3, 1).reshape(batch, out_h * out_w, channels)
-            out = torch.bmm(cols, kernels.reshape(batch, out_channels, channels).transpose(1, 2))
-            return out.reshape(batch, out_h, out_w, out_channels).permute(0, 3, 1, 2)
-        cols = x.reshape(batch, groups, in_per_group, out_h * out_w)
+        return x.reshape(batch, groups, channels // groups, length)
+    cols = F.unfold(x, (kh, kw), dilation=dilation, padding=pad, stride=stride)  # (B, C*kh*kw, L)
+    return cols.reshape(batch, groups, (channels // groups) * kh * kw, length)
+
+
+def _bmm(x: Tensor, kernels: Tensor, geometry, out_hw) -> Tensor:
+    groups = geometry[3]
+    batch = x.shape[0]
+    out_channels, in_per_group, kh, kw = kernels.shape[1:]
+    cols = _bmm_columns(x, (kh, kw), geometry, out_hw)
+    out = torch.matmul(kernels.reshape(batch, groups, out_channels // groups, in_per_group * kh * kw), cols)
+    return out.reshape(batch, out_channels, *out_hw)
+
+
+class _Columns:
+    """im2col for one convolution geometry, applied chunk by chunk, and its adjoint (col2im) for the gradient."""
+
+    def __init__(self, x_shape, kernel_size, geometry, out_hw) -> None:
+        self.stride, self.pad, self.dilation, self.groups = geometry
+        self.kernel_size = tuple(kernel_size)
+        self.in_hw = tuple(x_shape[2:])
+        self.channels = x_shape[1]
+        self.out_hw = tuple(out_hw)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return _bmm_columns(x, self.kernel_size, (self.stride, self.pad, self.dilation, self.groups), self.out_hw)
+
+    def adjoint(self, grad_cols: Tensor) -> Tensor:
+        """Gradient wrt the input chunk from the gradient wrt its columns ``(n, g, D, L)``."""
+        n = grad_cols.shape[0]
+        if self.kernel_size == (1, 1):
+            grad = grad_cols.reshape(n, self.channels, *self.out_hw)
+            if self.stride == (1, 1):
+                return grad
+            full = grad.new_zeros((n, self.channels, *self.in_hw))
+            full[:, :, ::self.stride[0], ::self.stride[1]] = grad
+            return full
+        return F.fold(grad_cols.reshape(n, -1, self.out_hw[0] * self.out_hw[1]), self.in_hw, self.kernel_size,
+                      dilation=self.dilation, padding=self.pad, stride=self.stride)
+
+
+class _MixedMatmul(torch.autograd.Function):
+    """``out[b] = (sum_e r[b, e] W[e] * s[b]) @ im2col(x[b])``, batch chunk by batch chunk (the CPU ``bmm`` path).
+
+    Autograd through ``mix_kernels`` + ``unfold`` + ``matmul`` keeps the whole batch of mixed kernels and unfolded
+    inputs alive for backward and allocates as much again for their gradients. This function keeps neither: it
+    saves only its inputs, and backward re-mixes each chunk's kernels and re-unfolds its input, folding the kernel
+    gradient straight into the gradients of the experts, the routing and the spatial attention. Kernels live in
+    per-thread buffers of at most ``_CHUNK_BYTES``.
+
+    Shapes: ``x (B, C_in, H, W)``, ``weight (E, g, O/g, D)`` with ``D = C_in/g * kh * kw``, ``routing (B, E)``,
+    ``spatial (B, kh * kw)`` or None -> ``(B, g, O/g, L)``.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, routing: Tensor, spatial: Tensor | None, columns: _Columns) -> Tensor:
+        ctx.save_for_backward(x, weight, routing, spatial)
+        ctx.columns = columns
+        return _mixed_matmul_forward(x, weight, routing, spatial, columns)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        x, weight, routing, spatial = ctx.saved_tensors
+        columns = ctx.columns
+        need_x, need_weight, need_routing, need_spatial = ctx.needs_input_grad[:4]
+        batch = x.shape[0]
+        experts, groups, per_group_out, depth = weight.shape
+        length = grad_out.shape[-1]
+        numel = groups * per_group_out * depth
+        flat_w = weight.reshape(experts, numel)
+        chunk = _chunk_size(batch, numel, weight)
+        mixed_buf = _workspace(chunk * numel, weight, slot=0)
+        grad_buf = _workspace(chunk * numel, weight, slot=1)
+        kern_buf = _workspace(chunk * numel, weight, slot=2) if spatial is not None else None
+        grad_out = grad_out.contiguous()
+        grad_x = torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else None
+        grad_weight = torch.zeros_like(flat_w) if need_weight else None
+        grad_routing = torch.empty_like(routing) if need_routing else None
+        grad_spatial = torch.empty_like(spatial) if (need_spatial and spatial is not None) else None
+        kk = None if spatial is None else spatial.shape[1]
+        for i in range(0, batch, chunk):
+            j = min(i + chunk, batch)
+            n = j - i
+            mixed = torch.matmul(routing[i:j], flat_w, out=mixed_buf[:n * numel].view(n, numel))
+            gy = grad_out[i:j].reshape(n * groups, per_group_out, length)
+            if need_x:
+                kernels = mixed
+                if spatial is not None:
+                    kernels = torch.mul(mixed.view(n, -1, kk), spatial[i:j, None, :],
+                                        out=kern_buf[:n * numel].view(n, -1, kk)).view(n, numel)
+                grad_cols = torch.bmm(kernels.view(n * groups, per_group_out, depth).transpose(1, 2), gy)
+                grad_x[i:j] = columns.adjoint(grad_cols.view(n, groups, depth, length))
+            if need_weight or need_routing or need_spatial:
+                cols = columns(x[i:j]).reshape(n * groups, depth, length)
+                grad_k = torch.bmm(gy, cols.transpose(1, 2),
+                                   out=grad_buf[:n * numel].view(n * groups, per_group_out, depth)).view(n, numel)
+                if spatial is not None:
+                    if grad_spatial is not None:
+                        grad_spatial[i:j] = (grad_k.view(n, -1, kk) * mixed.view(n, -1, kk)).sum(1)
+                    grad_k.view(n, -1, kk).mul_(spatial[i:j, None, :])
+                if grad_weight is not None:
+                    grad_weight.addmm_(routing[i:j].t(), grad_k)
+                if grad_routing is not None:
+                    torch.matmul(grad_k, flat_w.t(), out=grad_routing[i:j])
+        grad_weight = None if grad_weight is None else grad_weight.view_as(weight)
+        return grad_x, grad_weight, grad_routing, grad_spatial, None
+
+
+def _chunk_size(batch: int, numel: int, like: Tensor) -> int:
+    return max(1, min(batch, _CHUNK_BYTES // max(1, numel * like.element_size())))
+
+
+def _mixed_matmul_forward(x: Tensor, weight: Tensor, routing: Tensor, spatial: Tensor | None,
+                          columns: _Columns) -> Tensor:
+    batch = x.shape[0]
+    experts, groups, per_group_out, depth = weight.shape
+    length = columns.out_hw[0] * columns.out_hw[1]
+    numel = groups * per_group_out * depth
+    flat_w = weight.reshape(experts, numel)
+    chunk = _chunk_size(batch, numel, weight)
+    buf = _workspace(chunk * numel, weight, slot=0)
+    out = x.new_empty((batch, groups, per_group_out, length))
+    kk = None if spatial is None else spatial.shape[1]
+    for i in range(0, batch, chunk):
+        j = min(i + chunk, batch)
+        n = j - i
+        kernels = torch.matmul(routing[i:j], flat_w, out=buf[:n * numel].view(n, numel))
+        if spatial is not None:
+            kernels.view(n, -1, kk).mul_(spatial[i:j, None, :])
+        torch.bmm(kernels.view(n * groups, per_group_out, depth), columns(x[i:j]).reshape(n * groups, depth, length),
+                  out=out[i:j].view(n * groups, per_group_out, length))
+    return out
+
+
+def _fused_bmm(x, weight, routing, spatial, geometry, out_hw) -> Tensor:
+    """The ``bmm`` strategy through :class:`_MixedMatmul` (CPU, no autocast, not tracing)."""
+    groups = geometry[3]
+    experts, out_channels, in_per_group, kh, kw = weight.shape
+    columns = _Columns(x.shape, (kh, kw), geometry, out_hw)
+    w = weight.reshape(experts, groups, out_channels // groups, in_per_group * kh * kw)
+    s = None if spatial is None else spatial.reshape(spatial.shape[0], kh * kw)
+    if _needs_grad(x, weight, routing, spatial):
+        out = _MixedMatmul.apply(x, w, routing, s, columns)
     else:
-        cols = F.unfold(x, (kh, kw), dilation=dilation, padding=pad, stride=stride)  # (B, C*kh*kw, L)
-        cols = cols.reshape(batch, groups, in_per_group * kh * kw, out_h * out_w)
-    kernels = kernels.reshape(batch, groups, out_channels // groups, in_per_group * kh * kw)
-    out = torch.matmul(kernels, cols)  # (B, g, O/g, L)
-    return out.reshape(batch, out_channels, out_h, out_w)
+        out = _mixed_matmul_forward(x, w, routing, s, columns)
+    return out.reshape(x.shape[0], out_channels, *out_hw)
 
 
 def _stack_experts(weight: Tensor, groups: int) -> Tensor:

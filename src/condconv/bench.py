@@ -1,0 +1,271 @@
+"""Latency of dynamic convolution layers per execution strategy, as ratios to a static ``nn.Conv2d``.
+
+Every configuration (layer shape, experts, batch, mode) is timed round-robin: one call of each candidate per
+round, so slow drifts of the machine hit all candidates alike; the figure kept is each candidate's median, divided
+by the static convolution's median from the same rounds. ``condconv bench layers`` writes the rows as CSV.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import math
+import statistics
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from condconv.functional import select_strategy
+from condconv.layers import CondConv2d, DynamicConv2d, ODConv2d
+
+__all__ = ["LayerShape", "BENCH_SHAPES", "BenchRow", "bench_layers", "seed_loop_odconv", "add_bench_arguments",
+           "run_bench"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """One convolution of the benchmark: ``name`` is how tables show it."""
+
+    name: str
+    in_channels: int
+    out_channels: int
+    kernel_size: int
+    size: int
+    groups: int = 1
+
+    @property
+    def padding(self) -> int:
+        return self.kernel_size // 2
+
+
+BENCH_SHAPES = (
+    LayerShape("1x1 512->512 @14", 512, 512, 1, 14),
+    LayerShape("1x1 1024->1024 @7", 1024, 1024, 1, 7),
+    LayerShape("dw3x3 512 @14", 512, 512, 3, 14, groups=512),
+    LayerShape("3x3 64->64 @56", 64, 64, 3, 56),
+    LayerShape("3x3 256->256 @14", 256, 256, 3, 14),
+)
+
+STRATEGY_CANDIDATES = ("grouped", "experts", "bmm", "single", "auto")
+
+
+@dataclass
+class BenchRow:
+    shape: str
+    kind: str
+    strategy: str
+    resolved: str
+    num_experts: int
+    batch: int
+    mode: str
+    median_ms: float
+    ratio_to_static: float
+    rounds: int
+
+
+def seed_loop_odconv(layer: ODConv2d, x: Tensor) -> Tensor:
+    """ODConv as the seed document formulates it: a Python loop over the batch, the full 4-way attention product
+    multiplied into a kernel per example, then one convolution per example. For benchmarking only."""
+    outs = []
+    for b in range(x.shape[0]):
+        xb = x[b:b + 1]
+        att = layer.router(xb)
+        kernel = layer.weight
+        if att.spatial is not None:
+            kernel = kernel * att.spatial[0][None, None, None]
+        if att.in_channel is not None:
+            per_group = layer.in_channels // layer.groups
+            idx = (torch.arange(layer.out_channels)[:, None] // (layer.out_channels // layer.groups)) * per_group \
+                + torch.arange(per_group)[None, :]
+            kernel = kernel * att.in_channel[0][idx][None, :, :, None, None]
+        if att.out_channel is not None:
+            kernel = kernel * att.out_channel[0][None, :, None, None, None]
+        if att.expert is not None:
+            kernel = kernel * att.expert[0][:, None, None, None, None]
+        outs.append(F.conv2d(xb, kernel.sum(0), None, layer.stride, layer.padding, layer.dilation, layer.groups))
+    return torch.cat(outs, 0)
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _round_robin(candidates: dict[str, Callable[[], object]], min_rounds: int, max_rounds: int,
+                 budget_s: float) -> tuple[dict[str, float], int]:
+    for fn in candidates.values():  # warm-up (allocator, caches, one-time dispatch)
+        fn()
+    samples: dict[str, list[float]] = {name: [] for name in candidates}
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < max_rounds and (rounds < min_rounds or time.perf_counter() - start < budget_s):
+        for name, fn in candidates.items():
+            samples[name].append(_timed(fn))
+        rounds += 1
+    return {name: statistics.median(v) for name, v in samples.items()}, rounds
+
+
+def _step(module: nn.Module, x: Tensor, mode: str, call: Callable[[nn.Module, Tensor], Tensor] | None = None):
+    call = call or (lambda m, inp: m(inp))
+
+    def run() -> None:
+        if mode == "forward":
+            with torch.no_grad():
+                call(module, x)
+        else:
+            module.zero_grad(set_to_none=True)
+            if x.grad is not None:
+                x.grad = None
+            call(module, x).sum().backward()
+    return run
+
+
+def bench_layers(shapes: Iterable[LayerShape] = BENCH_SHAPES, experts: Iterable[int] = (4, 8),
+                 batches: Iterable[int] = (1, 8, 32, 128), modes: Iterable[str] = ("forward", "train"),
+                 kinds: Iterable[str] = ("condconv", "dynamic", "odconv"),
+                 strategies: Iterable[str] = STRATEGY_CANDIDATES,
+                 seed_loop: bool = False, min_rounds: int = 5, max_rounds: int = 50, budget_s: float = 2.0,
+                 device: str = "cpu", dtype: torch.dtype = torch.float32, progress: bool = True) -> list[BenchRow]:
+    """Time every (shape, experts, batch, mode): a static conv, CondConv2d per strategy, the other kinds on
+    ``auto``, and optionally the seed's per-example ODConv loop. Returns one :class:`BenchRow` per candidate."""
+    from tqdm.auto import tqdm
+
+    shapes, experts, batches, modes = list(shapes), list(experts), list(batches), list(modes)
+    kinds, strategies = list(kinds), list(strategies)
+    for mode in modes:
+        if mode not in ("forward", "train"):
+            raise ValueError(f"modes must be 'forward' and/or 'train', got {mode!r}")
+    configs = [(s, e, b, m) for s in shapes for e in experts for b in batches for m in modes]
+    rows: list[BenchRow] = []
+    torch.manual_seed(0)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    for shape, num_experts, batch, mode in tqdm(configs, desc="bench layers", disable=not progress):
+        args = (shape.in_channels, shape.out_channels, shape.kernel_size, 1, shape.padding, 1, shape.groups)
+        x = torch.randn(batch, shape.in_channels, shape.size, shape.size, device=device, dtype=dtype,
+                        requires_grad=(mode == "train"))
+        static = nn.Conv2d(*args).to(device, dtype)
+        candidates: dict[str, Callable[[], object]] = {"static": _step(static, x, mode)}
+        layers: dict[str, nn.Module] = {}
+        for kind in kinds:
+            cls = {"condconv": CondConv2d, "dynamic": DynamicConv2d, "odconv": ODConv2d}[kind]
+            layer = cls(*args, num_experts=num_experts).to(device, dtype)
+            layers[kind] = layer
+            for strategy in (strategies if kind == "condconv" else ["auto"]):
+                if strategy == "single" and batch != 1:
+                    continue
+                layer_strategy = strategy
+
+                def call(m, inp, s=layer_strategy):
+                    m.strategy = s
+                    return m(inp)
+                candidates[f"{kind}:{strategy}"] = _step(layer, x, mode, call)
+        if seed_loop and "odconv" in layers:
+            candidates["odconv:seed-loop"] = _step(layers["odconv"], x, mode, seed_loop_odconv)
+        timed = {name: (lambda fn=fn: (fn(), sync())) for name, fn in candidates.items()}
+        medians, rounds = _round_robin(timed, min_rounds, max_rounds, budget_s)
+        base = medians["static"]
+        resolved_auto = select_strategy(batch, shape.in_channels, shape.out_channels,
+                                        (shape.kernel_size, shape.kernel_size), shape.groups, num_experts,
+                                        (shape.size, shape.size), spatial=False, device=device)
+        for name, median in medians.items():
+            kind, _, strategy = name.partition(":")
+            strategy = strategy or "static"
+            resolved = resolved_auto if strategy == "auto" else strategy
+            rows.append(BenchRow(shape.name, kind, strategy, resolved, num_experts, batch, mode, median * 1e3,
+                                 median / base, rounds))
+    return rows
+
+
+def write_csv(rows: list[BenchRow], path: str) -> None:
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(asdict(rows[0]).keys()) if rows else ["shape"])
+        writer.writeheader()
+        for row in rows:
+            writer.writerow(asdict(row))
+
+
+def geomean(values: Iterable[float]) -> float:
+    values = list(values)
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")
+
+
+def format_table(rows: list[BenchRow], num_experts: int, batch: int, mode: str) -> str:
+    """Markdown table of ratios to static for one (experts, batch, mode): shapes down, candidates across."""
+    sel = [r for r in rows if r.num_experts == num_experts and r.batch == batch and r.mode == mode]
+    if not sel:
+        return ""
+    shapes = list(dict.fromkeys(r.shape for r in sel))
+    cols = [c for c in dict.fromkeys(f"{r.kind}:{r.strategy}" for r in sel) if c != "static:static"]
+    lookup = {(r.shape, f"{r.kind}:{r.strategy}"): r for r in sel}
+    lines = [f"| {mode}, E={num_experts}, B={batch} | static ms | " + " | ".join(cols) + " |",
+             "|---|---:|" + "---:|" * len(cols)]
+    for shape in shapes:
+        cells = []
+        for c in cols:
+            r = lookup.get((shape, c))
+            if r is None:
+                cells.append("")
+            else:
+                cells.append(f"{r.ratio_to_static:.2f}" + (f" ({r.resolved})" if r.strategy == "auto" else ""))
+        static_ms = lookup[(shape, "static:static")].median_ms
+        lines.append(f"| {shape} | {static_ms:.2f} | " + " | ".join(cells) + " |")
+    gm = []
+    for c in cols:
+        vals = [lookup[(s, c)].ratio_to_static for s in shapes if (s, c) in lookup]
+        gm.append(f"{geomean(vals):.2f}" if len(vals) == len(shapes) else "")
+    lines.append("| geometric mean | | " + " | ".join(gm) + " |")
+    return "\n".join(lines)
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("target", nargs="?", default="layers", choices=["layers"],
+                        help="what to benchmark (default: layers)")
+    parser.add_argument("--experts", type=int, nargs="+", default=[4, 8], help="expert counts (default: 4 8)")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32, 128], help="batch sizes")
+    parser.add_argument("--modes", nargs="+", default=["forward", "train"], choices=["forward", "train"])
+    parser.add_argument("--shapes", nargs="+", default=None, metavar="INDEX",
+                        help="subset of shapes by index: " + ", ".join(f"{i}={s.name}" for i, s in
+                                                                        enumerate(BENCH_SHAPES)))
+    parser.add_argument("--kinds", nargs="+", default=["condconv", "dynamic", "odconv"],
+                        choices=["condconv", "dynamic", "odconv"])
+    parser.add_argument("--strategies", nargs="+", default=list(STRATEGY_CANDIDATES), choices=STRATEGY_CANDIDATES,
+                        help="CondConv2d strategies to time (other kinds run 'auto')")
+    parser.add_argument("--seed-loop", action="store_true",
+                        help="also time the seed document's per-example ODConv loop")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: unchanged)")
+    parser.add_argument("--rounds", type=int, default=5, help="minimum timing rounds per configuration")
+    parser.add_argument("--budget", type=float, default=2.0, help="seconds of rounds per configuration, at least")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--csv", default="bench_layers.csv", help="output CSV (default: bench_layers.csv)")
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    shapes = BENCH_SHAPES
+    if args.shapes:
+        try:
+            shapes = tuple(BENCH_SHAPES[int(i)] for i in args.shapes)
+        except (ValueError, IndexError) as exc:
+            raise ValueError(f"--shapes takes indices 0..{len(BENCH_SHAPES) - 1}, got {args.shapes}") from exc
+    rows = bench_layers(shapes, args.experts, args.batch, args.modes, args.kinds, args.strategies,
+                        seed_loop=args.seed_loop, min_rounds=args.rounds, budget_s=args.budget, device=args.device,
+                        dtype=getattr(torch, args.dtype))
+    write_csv(rows, args.csv)
+    print(f"threads={torch.get_num_threads()} device={args.device} dtype={args.dtype}; ratio = median time / "
+          f"median time of a static nn.Conv2d of the same shape in the same rounds; CSV: {args.csv}")
+    for mode in args.modes:
+        for e in args.experts:
+            for b in args.batch:
+                print()
+                print(format_table(rows, e, b, mode))
+    return 0
