@@ -368,7 +368,9 @@ def _workspace(numel: int, like: Tensor, slot: int = 0) -> Tensor:
     cache = getattr(_state, "workspace", None)
     if cache is None:
         cache = _state.workspace = {}
-    key = (like.device, like.dtype, slot)
+    # a buffer made under torch.inference_mode() is an inference tensor, which may not be written outside it:
+    # keep separate buffers per mode
+    key = (like.device, like.dtype, slot, torch.is_inference_mode_enabled())
     buf = cache.get(key)
     if buf is None or buf.numel() < numel:
         buf = cache[key] = torch.empty(numel, device=like.device, dtype=like.dtype)

@@ -26,7 +26,7 @@ from condconv.functional import (
     get_default_strategy,
     resolve_padding,
 )
-from condconv.routing import OmniRouter, SigmoidRouter, SoftmaxRouter
+from condconv.routing import OmniRouter, SigmoidRouter, SoftmaxRouter, _check_dropout, _check_temperature
 
 __all__ = ["CondConv2d", "DynamicConv2d", "ODConv2d", "make_conv2d", "DynamicConvBase", "CONV_KINDS"]
 
@@ -82,6 +82,16 @@ class DynamicConvBase(nn.Module):
         if self.bias is not None:
             bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
             nn.init.uniform_(self.bias, -bound, bound)
+
+    def _apply(self, fn, recurse=True):
+        # ``model.to(memory_format=torch.channels_last)`` converts 4-D and 5-D tensors, and channels_last rejects
+        # 5-D ones: convert the expert bank as its 4-D view (experts * out_channels, in, kh, kw), keep it dense.
+        def convert(t: Tensor) -> Tensor:
+            if t.dim() != 5:
+                return fn(t)
+            return fn(t.flatten(0, 1)).reshape(t.shape).contiguous()
+
+        return super()._apply(convert, recurse)
 
     def _check_input(self, x: Tensor) -> None:
         if not isinstance(x, Tensor):
@@ -183,6 +193,8 @@ class CondConv2d(DynamicConvBase):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                          padding_mode, device, dtype, num_experts=num_experts, strategy=strategy)
         factory = {"device": device, "dtype": dtype}
+        _check_temperature(temperature)  # validated whatever the routing, so a bad value never passes silently
+        _check_dropout(routing_dropout)
         if routing == "sigmoid":
             self.router = SigmoidRouter(in_channels, num_experts, routing_dropout, **factory)
         elif routing == "softmax":

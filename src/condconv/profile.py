@@ -1,0 +1,395 @@
+"""Multiply-adds and parameters per image, with the conventions of the CondConv paper (Yang et al., "CondConv:
+Conditionally Parameterized Convolutions for Efficient Inference", NeurIPS 2019, arXiv:1904.04971).
+
+Conventions (one multiply-add = one MAC, counted for one image):
+
+- ``conv``: convolutions and linear layers outside routers, ``C_out * H_out * W_out * C_in / groups * kh * kw``
+  (``in * out`` for a linear layer); a dynamic convolution counts as the static convolution of the same shape.
+  Bias additions are not multiply-adds and are not counted.
+- ``routing``: the routers: their layers (CondConv's ``Linear(C_in, E)``, DynamicConv's MLP, ODConv's trunk and
+  heads) and their global average pooling of the routed input, ``C_in * H * W``.
+- ``mixing``: forming the per-example kernel, ``E * params(one expert)`` (kernel and bias) per dynamic layer;
+  for ODConv also its attention multiplies: the spatial attention on the mixed kernel (``params(one expert)``),
+  the input-channel attention on the input (``C_in * H * W``) and the output-channel attention on the output
+  (``C_out * H_out * W_out``).
+- ``other``: average pooling (global: ``C * H * W``, the depthwise convolution it equals) and squeeze-excite
+  gating (``C * H * W``, a depthwise 1x1 convolution with a computed kernel), both outside routers; and the
+  parameters of normalisation layers. BatchNorm (folded into the convolution at inference), activations,
+  max-pooling, dropout and residual additions count 0.
+
+So a per-channel scaling or an average of a feature map counts like the depthwise convolution it is; with it
+EfficientNet-B0 counts 390.5M (the official 391M) instead of 385.8M for its convolutions alone.
+
+Parameters are every parameter of the model (all experts included), each counted once, in the category of the
+module that owns it. Counting uses forward hooks on one batch-1 forward pass without gradients; built on the
+``meta`` device a model is counted without allocating its weights (the ``condconv macs`` command does so).
+Cross-checked in the tests against :class:`torch.utils.flop_counter.FlopCounterMode` (``flops / 2``) under
+``condconv.use_strategy('grouped')``, which executes exactly the kernel mix and one convolution.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from condconv.convert import parse_kwargs
+from condconv.layers import DynamicConvBase
+from condconv.models import create_model
+from condconv.models.blocks import SqueezeExcite
+from condconv.routing import OmniRouter, SigmoidRouter, SoftmaxRouter
+
+__all__ = [
+    "CATEGORIES",
+    "Cost",
+    "ModuleCost",
+    "MacReport",
+    "count_macs",
+    "PAPER_FIGURES",
+    "PaperFigure",
+    "add_macs_arguments",
+    "run_macs",
+]
+
+logger = logging.getLogger(__name__)
+
+CATEGORIES = ("conv", "routing", "mixing", "other")
+_ROUTERS = (SigmoidRouter, SoftmaxRouter, OmniRouter)
+_AVG_POOLS = (nn.AdaptiveAvgPool2d, nn.AvgPool2d)
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Multiply-adds and parameters of one category."""
+
+    macs: int = 0
+    params: int = 0
+
+
+@dataclass(frozen=True)
+class ModuleCost:
+    """One module's own cost (its direct parameters; MACs of all its calls in the forward pass).
+
+    Attributes:
+        name: qualified module name (``''`` for the model itself).
+        type: class name.
+        category: the category its parameters belong to.
+        macs: total multiply-adds of the module.
+        params: parameters the module owns directly (not those of its children).
+        macs_by_category: ``macs`` split by category (a dynamic convolution has ``conv`` and ``mixing``).
+    """
+
+    name: str
+    type: str
+    category: str
+    macs: int
+    params: int
+    macs_by_category: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MacReport:
+    """Result of :func:`count_macs`: per-image totals, per category and per module.
+
+    Attributes:
+        macs: multiply-adds for one image.
+        params: parameters of the model.
+        categories: :data:`CATEGORIES` -> :class:`Cost`.
+        modules: the modules with MACs or parameters, in registration order.
+        input_size: the ``(C, H, W)`` counted.
+    """
+
+    macs: int
+    params: int
+    categories: dict[str, Cost]
+    modules: list[ModuleCost]
+    input_size: tuple[int, ...]
+
+    def table(self, top: int | None = None) -> str:
+        """A text table of the modules (the ``top`` costliest by MACs, all when ``None``) and the categories."""
+        rows = sorted(self.modules, key=lambda m: -m.macs)[:top] if top else self.modules
+        width = max([len(m.name) for m in rows] + [7])
+        lines = [f"{'module':<{width}}  {'type':<18} {'params':>12} {'MACs':>14}  MACs by category"]
+        for m in rows:
+            split = " + ".join(f"{cat} {value:,}" for cat, value in m.macs_by_category.items())
+            lines.append(f"{m.name or '(model)':<{width}}  {m.type:<18} {m.params:>12,} {m.macs:>14,}  {split}")
+        lines.append("")
+        lines += [f"{cat:<8} MACs {cost.macs:>14,}  params {cost.params:>12,}" for cat, cost in self.categories.items()]
+        lines.append(f"{'total':<8} MACs {self.macs:>14,}  params {self.params:>12,}  input {self.input_size}")
+        return "\n".join(lines)
+
+
+def _conv_macs(module: nn.Module, output: torch.Tensor) -> int:
+    kh, kw = module.kernel_size
+    return output[0].numel() * (module.in_channels // module.groups) * kh * kw
+
+
+def _dynamic_macs(layer: DynamicConvBase, inputs: torch.Tensor, output: torch.Tensor) -> dict[str, int]:
+    expert = layer.weight[0].numel() + (layer.bias.shape[1] if layer.bias is not None else 0)
+    mixing = layer.num_experts * expert
+    router = layer.router
+    if isinstance(router, OmniRouter):
+        if router.spatial is not None:
+            mixing += layer.weight[0].numel()
+        if router.in_channel is not None:
+            mixing += inputs[0].numel()
+        if router.out_channel is not None:
+            mixing += output[0].numel()
+    return {"conv": _conv_macs(layer, output), "mixing": mixing}
+
+
+def _pool_macs(module: nn.Module, inputs: torch.Tensor, output: torch.Tensor) -> int:
+    """Average pooling: one accumulate per input element (adaptive) or per kernel tap of each output."""
+    if isinstance(module, nn.AdaptiveAvgPool2d):
+        return inputs[0].numel()
+    kernel = module.kernel_size if isinstance(module.kernel_size, tuple) else (module.kernel_size,) * 2
+    return output[0].numel() * kernel[0] * kernel[1]
+
+
+def _categorise(model: nn.Module) -> dict[int, str]:
+    """Parameter category of every module: routers' insides -> routing; convolutions, linear layers -> conv."""
+    category = {}
+    for module in model.modules():
+        if isinstance(module, (DynamicConvBase, nn.Conv2d, nn.Linear)):
+            category.setdefault(id(module), "conv")
+        if isinstance(module, _ROUTERS):
+            for inner in module.modules():
+                category[id(inner)] = "routing"
+    return category
+
+
+@torch.no_grad()
+def count_macs(model: nn.Module, input_size: Sequence[int] = (3, 224, 224)) -> MacReport:
+    """Count multiply-adds (per image) and parameters of ``model`` with the CondConv paper's conventions.
+
+    Args:
+        model: any module taking one ``(B, C, H, W)`` tensor; its training mode is restored afterwards.
+        input_size: ``(C, H, W)`` of one image. Default ``(3, 224, 224)``.
+
+    Returns:
+        A :class:`MacReport` (see the module docstring for what each category holds).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    size = tuple(input_size)
+    if len(size) != 3 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size):
+        raise ValueError(f"input_size must be three positive ints (channels, height, width), got {input_size!r}")
+    category = _categorise(model)
+    macs: dict[int, dict[str, int]] = {}
+
+    def hook(module: nn.Module, inputs: tuple, output) -> None:
+        if isinstance(module, DynamicConvBase):
+            counted = _dynamic_macs(module, inputs[0], output)
+        elif isinstance(module, nn.Conv2d):
+            counted = {category[id(module)]: _conv_macs(module, output)}
+        elif isinstance(module, nn.Linear):
+            counted = {category[id(module)]: output.numel() * module.in_features}
+        elif isinstance(module, _ROUTERS):
+            counted = {"routing": inputs[0][0].numel()}  # its global average pooling
+        elif isinstance(module, _AVG_POOLS):
+            counted = {category.get(id(module), "other"): _pool_macs(module, inputs[0], output)}
+        elif isinstance(module, SqueezeExcite):
+            counted = {"other": inputs[0][0].numel()}  # the gating multiply (its pooling is a module)
+        else:
+            return
+        totals = macs.setdefault(id(module), {})
+        for cat, value in counted.items():
+            totals[cat] = totals.get(cat, 0) + value
+
+    reference = next(iter(model.parameters()), None)
+    device = reference.device if reference is not None else torch.device("cpu")
+    dtype = reference.dtype if reference is not None and reference.is_floating_point() else torch.float32
+    handles = [m.register_forward_hook(hook) for m in model.modules()]
+    was_training = model.training
+    try:
+        model.eval()
+        model(torch.randn(1, *size, generator=torch.Generator().manual_seed(0)).to(device=device, dtype=dtype))
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+
+    rows, cat_macs, cat_params = [], dict.fromkeys(CATEGORIES, 0), dict.fromkeys(CATEGORIES, 0)
+    seen: set[int] = set()  # a parameter shared by several modules counts once
+    for name, module in model.named_modules():
+        own = [p for p in module.parameters(recurse=False) if id(p) not in seen]
+        seen.update(id(p) for p in own)
+        params = sum(p.numel() for p in own)
+        split = macs.get(id(module), {})
+        if not params and not split:
+            continue
+        cat = category.get(id(module), "other")
+        cat_params[cat] += params
+        for c, value in split.items():
+            cat_macs[c] += value
+        rows.append(ModuleCost(name, type(module).__name__, cat, sum(split.values()), params, dict(split)))
+    categories = {c: Cost(cat_macs[c], cat_params[c]) for c in CATEGORIES}
+    return MacReport(sum(cat_macs.values()), sum(cat_params.values()), categories, rows, size)
+
+
+@dataclass(frozen=True)
+class PaperFigure:
+    """A published cost figure (224x224 input, 1000 classes).
+
+    Attributes:
+        model: registered name. experts: 1 for the static baseline. macs, params: in millions (None: not given).
+        source: where the figure comes from.
+        note: why our count differs, where it does by more than the tolerance of the tests.
+    """
+
+    model: str
+    experts: int
+    macs: float
+    params: float | None = None
+    source: str = "CondConv paper"
+    note: str = ""
+
+
+PAPER_FIGURES = (
+    PaperFigure("mobilenet_v1", 1, 567, 4.2),
+    PaperFigure("mobilenet_v1", 8, 600),
+    PaperFigure("mobilenet_v2", 1, 301, 3.4, note="3.4M is the MobileNetV2 paper's 3.47M (weights without BatchNorm) "
+                "cut to one decimal; with BatchNorm 3.50M, as torchvision and timm count"),
+    PaperFigure("mobilenet_v2", 8, 329),
+    PaperFigure("mnasnet_a1", 1, 312, 3.9),
+    PaperFigure("mnasnet_a1", 8, 325),
+    PaperFigure("resnet50", 1, 4093, 25.6),
+    PaperFigure("resnet50", 8, 4213),
+    PaperFigure("efficientnet_b0", 1, 391, 5.3, "official EfficientNet-CondConv README"),
+    PaperFigure("efficientnet_b0", 4, 402, 13.3, "official EfficientNet-CondConv README"),
+    PaperFigure("efficientnet_b0", 8, 413, 24.0, "official EfficientNet-CondConv README"),
+)
+
+
+def add_macs_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``condconv macs``."""
+    parser.add_argument("models", nargs="*", metavar="MODEL",
+                        help="registered model names (default: the paper's table, compared with its figures)")
+    parser.add_argument("--experts", type=int, nargs="+", default=None, metavar="E",
+                        help="expert counts; 1 is the static baseline (default with MODEL: 1 8)")
+    parser.add_argument("--width", type=float, nargs="+", default=None, metavar="W",
+                        help="width multipliers (default 1.0)")
+    parser.add_argument("--input-size", type=int, default=224, metavar="S", help="square input size (default 224)")
+    parser.add_argument("--num-classes", type=int, default=1000, help="classifier outputs (default 1000)")
+    parser.add_argument("--conv", default="condconv", choices=("condconv", "dynamic", "odconv"),
+                        help="kind of the dynamic layers when experts > 1 (default condconv)")
+    parser.add_argument("--model-kwargs", nargs="*", metavar="KEY=VALUE", default=None,
+                        help="more create_model arguments (YAML values), e.g. dynamic_blocks=6 shared_routing=false")
+    parser.add_argument("--csv", type=Path, default=None, metavar="PATH", help="also write the rows to a CSV file")
+    parser.add_argument("--modules", type=int, default=0, metavar="N",
+                        help="also print the N costliest modules of each configuration")
+
+
+def _configs(args: argparse.Namespace) -> list[tuple[str, float, int, PaperFigure | None]]:
+    if not args.models:
+        if args.experts is not None or args.width is not None:
+            raise ValueError("--experts and --width need MODEL names (without them the paper's table is printed)")
+        paper = args.input_size == 224 and args.num_classes == 1000
+        return [(f.model, 1.0, f.experts, f if paper else None) for f in PAPER_FIGURES]
+    experts = args.experts if args.experts is not None else [1, 8]
+    if any(e < 1 for e in experts):
+        raise ValueError(f"--experts must be positive ints, got {experts}")
+    widths = args.width if args.width is not None else [1.0]
+    return [(m, w, e, None) for m in args.models for w in widths for e in experts]
+
+
+def _millions(value: float) -> str:
+    return f"{value / 1e6:.2f}M"
+
+
+def run_macs(args: argparse.Namespace) -> int:
+    """``condconv macs``: print (and optionally save) per-image multiply-adds and parameters."""
+    if args.input_size < 1 or args.num_classes < 1:
+        raise ValueError(f"--input-size and --num-classes must be positive, got {args.input_size}, "
+                         f"{args.num_classes}")
+    configs = _configs(args)
+    extra = parse_kwargs(args.model_kwargs)
+    clash = sorted(set(extra) & {"width_mult", "num_classes", "conv", "num_experts"})
+    if clash:
+        raise ValueError(f"--model-kwargs must not set {clash}: use --width, --num-classes, --conv, --experts")
+    rows = []
+    for name, width, experts, figure in tqdm(configs, desc="counting", leave=False, disable=None):
+        kwargs = {"width_mult": width, "num_classes": args.num_classes}
+        if experts > 1:
+            kwargs.update(extra, conv=args.conv, num_experts=experts)
+        else:  # the static baseline: placement options mean nothing, layer options do not apply
+            kwargs.update({k: v for k, v in extra.items() if k != "conv_kwargs"})
+        with torch.device("meta"):  # shapes only: no weights are allocated
+            model = create_model(name, **kwargs)
+        report = count_macs(model, (3, args.input_size, args.input_size))
+        row = {"model": name, "width": width, "experts": experts, "conv": args.conv if experts > 1 else "static",
+               "params": report.params, "macs": report.macs}
+        row.update({f"{cat}_macs": cost.macs for cat, cost in report.categories.items()})
+        row.update({f"{cat}_params": cost.params for cat, cost in report.categories.items()})
+        if figure is not None:
+            row.update(paper_macs=figure.macs * 1e6,
+                       paper_params=None if figure.params is None else figure.params * 1e6, note=figure.note)
+        rows.append(row)
+        if args.modules:
+            print(f"\n{name} width {width} experts {experts}:\n{report.table(args.modules)}\n")
+    _print_table(rows)
+    if args.csv is not None:
+        args.csv.parent.mkdir(parents=True, exist_ok=True)
+        with open(args.csv, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        logger.info("wrote %s", args.csv)
+    return 0
+
+
+def _print_table(rows: list[dict]) -> None:
+    paper = "paper_macs" in rows[0]
+    header = ["model", "width", "experts", "params", "MACs", "conv", "routing", "mixing", "other"]
+    if paper:
+        header += ["paper MACs", "diff", "paper params", "diff"]
+    table = []
+    for r in rows:
+        line = [r["model"], str(r["width"]), str(r["experts"]), _millions(r["params"]), _millions(r["macs"])]
+        line += [_millions(r[f"{cat}_macs"]) for cat in CATEGORIES]
+        if paper:
+            line += [f"{r['paper_macs'] / 1e6:g}M", f"{100 * (r['macs'] / r['paper_macs'] - 1):+.2f}%"]
+            if r["paper_params"] is None:
+                line += ["-", "-"]
+            else:
+                line += [f"{r['paper_params'] / 1e6:g}M", f"{100 * (r['params'] / r['paper_params'] - 1):+.2f}%"]
+        table.append(line)
+    _print_aligned(header, table)
+    for r in rows:
+        if r.get("note"):
+            config = "static" if r["experts"] == 1 else f"{r['experts']} experts"
+            print(f"note: {r['model']} {config}: {r['note']}")
+    for model in dict.fromkeys(r["model"] for r in rows):
+        _print_grid(model, [r for r in rows if r["model"] == model])
+
+
+def _print_aligned(header: list[str], table: list[list[str]]) -> None:
+    widths = [max(len(h), *(len(t[i]) for t in table)) for i, h in enumerate(header)]
+    for line in [header, *table]:
+        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))))
+
+
+def _print_grid(model: str, rows: list[dict]) -> None:
+    """Width x experts grid of one model: MACs, and the increase over the static model of the same width."""
+    widths = list(dict.fromkeys(r["width"] for r in rows))
+    experts = list(dict.fromkeys(r["experts"] for r in rows))
+    if len(widths) < 2 or len(experts) < 2:
+        return
+    cost = {(r["width"], r["experts"]): r for r in rows}
+    table = []
+    for width in widths:
+        base = cost.get((width, 1))
+        line = [f"{model} {width}x"]
+        for e in experts:
+            macs = cost[width, e]["macs"]
+            line.append(_millions(macs) + (f" ({100 * (macs / base['macs'] - 1):+.1f}%)" if base and e > 1 else ""))
+        table.append(line)
+    print("\nMACs by width (rows) and experts (columns); in brackets: the increase over the static model")
+    _print_aligned(["model", *(f"E={e}" for e in experts)], table)

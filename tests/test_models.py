@@ -1,0 +1,247 @@
+"""Model zoo: every registered model with every convolution kind, registry, placement, features_only."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import condconv
+from condconv import CondConv2d, DynamicConv2d, ODConv2d, SigmoidRouter
+from condconv.layers import DynamicConvBase
+from condconv.models import ConvNet, create_model, is_model, list_models, register_model
+from condconv.models.blocks import MBConv
+
+KINDS = ("static", "condconv", "dynamic", "odconv")
+CIFAR = list_models("*_cifar")
+IMAGENET = [name for name in list_models() if not name.endswith("_cifar")]
+_DYNAMIC_EVERYWHERE = {"dynamic_blocks": "all", "dynamic_head": True, "dynamic_classifier": True}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: threads only add contention on the shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _tiny(name: str, kind: str, **kwargs) -> ConvNet:
+    options = {"num_classes": 10, "width_mult": 0.25, **kwargs}
+    if kind != "static":
+        options.update(conv=kind, num_experts=2, **_DYNAMIC_EVERYWHERE)
+    return create_model(name, **options)
+
+
+def test_registry_lists_every_family_and_its_cifar_variant():
+    assert IMAGENET == ["efficientnet_b0", "mnasnet_a1", "mobilenet_v1", "mobilenet_v2", "resnet18", "resnet50"]
+    assert CIFAR == [f"{name}_cifar" for name in IMAGENET]
+    assert list_models("resnet*") == ["resnet18", "resnet18_cifar", "resnet50", "resnet50_cifar"]
+    assert list_models("nothing*") == []
+    assert is_model("mobilenet_v1") and not is_model("mobilenet_v3")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("name", CIFAR)
+def test_forward_backward_eval_channels_last(name, kind):
+    torch.manual_seed(0)
+    model = _tiny(name, kind)
+    x = torch.randn(2, 3, 32, 32)
+    out = model(x)
+    assert out.shape == (2, 10)
+    assert torch.isfinite(out).all()
+    out.square().mean().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not missing, f"no gradient reached {missing}"
+    if kind != "static":
+        assert any(isinstance(m, DynamicConvBase) for m in model.modules())
+
+    model.eval()
+    with torch.no_grad():
+        full = model(x)
+        single = model(x[:1])
+        if kind == "static":  # Module.to(memory_format=channels_last) rejects the dynamic layers' 5-D weights
+            model.to(memory_format=torch.channels_last)
+        channels_last = model(x.to(memory_format=torch.channels_last))
+    assert single.shape == (1, 10)
+    torch.testing.assert_close(single, full[:1], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(channels_last, full, rtol=1e-4, atol=1e-5)
+
+
+def test_shared_block_routing_gets_the_gradient():
+    model = _tiny("efficientnet_b0_cifar", "condconv")
+    blocks = [b for b in model.blocks if isinstance(b, MBConv)]
+    assert all(isinstance(b.router, SigmoidRouter) for b in blocks)
+    for block in blocks:
+        convs = [m for m in block.modules() if isinstance(m, CondConv2d)]
+        assert convs and all(c.routing == "external" and c.router is None for c in convs)
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    for block in blocks:
+        assert block.router.fc.weight.grad is not None and block.router.fc.weight.grad.abs().sum() > 0
+
+
+def test_shared_routing_can_be_turned_off_and_on():
+    per_layer = _tiny("efficientnet_b0_cifar", "condconv", shared_routing=False)
+    assert all(b.router is None for b in per_layer.blocks)
+    assert all(c.router is not None for c in per_layer.modules() if isinstance(c, CondConv2d))
+    shared = _tiny("mobilenet_v2_cifar", "condconv", shared_routing=True)
+    assert all(isinstance(b.router, SigmoidRouter) for b in shared.blocks)
+    # only CondConv has a block router; the other kinds route every layer themselves
+    odconv = _tiny("efficientnet_b0_cifar", "odconv")
+    assert all(b.router is None for b in odconv.blocks)
+
+
+def _dynamic_layers(model: nn.Module) -> list[str]:
+    return [name for name, m in model.named_modules() if isinstance(m, DynamicConvBase)]
+
+
+@pytest.mark.parametrize("name, blocks, head, classifier", [
+    ("mobilenet_v1", 7, False, True),
+    ("mobilenet_v2", 7, True, True),
+    ("mnasnet_a1", 6, False, False),
+    ("efficientnet_b0", 8, False, False),
+    ("resnet18", 2, False, False),
+    ("resnet50", 3, False, False),
+])
+def test_default_placement_is_the_papers(name, blocks, head, classifier):
+    with torch.device("meta"):
+        model = create_model(name, conv="condconv")
+    dynamic_blocks = sorted({int(n.split(".")[1]) for n in _dynamic_layers(model) if n.startswith("blocks.")})
+    n_blocks = len(model.blocks)
+    assert dynamic_blocks == list(range(n_blocks - blocks, n_blocks))
+    assert isinstance(getattr(model.head_conv, "conv", None), CondConv2d) == head
+    assert isinstance(model.head.fc, CondConv2d) == classifier
+    assert all(m.num_experts == 8 for m in model.modules() if isinstance(m, DynamicConvBase))
+
+
+def test_placement_options():
+    count = len(_dynamic_layers(create_model("mobilenet_v1_cifar", width_mult=0.25, conv="condconv",
+                                             dynamic_blocks=0, dynamic_classifier=True)))
+    assert count == 1  # the classifier only
+    model = create_model("mobilenet_v1_cifar", width_mult=0.25, conv="dynamic", num_experts=3,
+                         dynamic_blocks=[0, -1], dynamic_classifier=False)
+    names = _dynamic_layers(model)
+    assert {n.split(".")[1] for n in names} == {"0", "12"} and len(names) == 4
+    assert all(isinstance(model.get_submodule(n), DynamicConv2d) for n in names)
+    model = create_model("resnet18_cifar", width_mult=0.25, conv="odconv", dynamic_blocks="all",
+                         conv_kwargs={"reduction": 0.25})
+    assert sum(isinstance(m, ODConv2d) for m in model.modules()) == 8 * 2 + 3  # 3 projection shortcuts
+    assert not isinstance(model.stem.conv, DynamicConvBase)  # the stem is never converted
+    layer = next(m for m in model.modules() if isinstance(m, ODConv2d))
+    assert layer.router.fc.out_features == 16  # max(int(C_in * 0.25), min_channels=16)
+
+
+@pytest.mark.parametrize("name", IMAGENET)
+def test_features_only_imagenet_strides(name):
+    model = create_model(name, width_mult=0.25, features_only=True).eval()
+    assert [f.reduction for f in model.feature_info] == [2, 4, 8, 16, 32]
+    with torch.no_grad():
+        feats = model(torch.randn(1, 3, 64, 64))
+    assert [tuple(f.shape) for f in feats] == [(1, i.channels, 64 // i.reduction, 64 // i.reduction)
+                                               for i in model.feature_info]
+    assert model.head is None
+    for info in model.feature_info:
+        model.get_submodule(info.module)  # names a real module
+
+
+@pytest.mark.parametrize("name", CIFAR)
+def test_features_only_cifar_ends_at_4x4(name):
+    model = create_model(name, width_mult=0.25, features_only=True, conv="condconv", num_experts=2)
+    feats = model(torch.randn(2, 3, 32, 32))
+    assert [tuple(f.shape[-2:]) for f in feats] == [(32 // i.reduction,) * 2 for i in model.feature_info]
+    assert feats[-1].shape[-2:] == (4, 4) and model.feature_info[-1].reduction == 8
+    assert [f.shape[1] for f in feats] == [i.channels for i in model.feature_info]
+    sum(f.mean() for f in feats).backward()
+    with pytest.raises(RuntimeError, match="features_only"):
+        model.forward_head(feats[-1])
+
+
+def test_forward_features_head_and_defaults():
+    model = create_model("resnet18_cifar", width_mult=0.5)
+    assert model.num_classes == 1000 and model.head.fc.out_features == 1000
+    x = torch.randn(2, 3, 32, 32)
+    feats = model.forward_features(x)
+    assert feats.shape == (2, model.num_features, 4, 4)
+    assert model.forward_head(feats, pre_logits=True).shape == (2, model.num_features)
+    torch.testing.assert_close(model.forward_head(feats), model(x))
+    grey = create_model("mobilenet_v2_cifar", width_mult=0.25, in_chans=1, num_classes=7)
+    assert grey(torch.randn(2, 1, 32, 32)).shape == (2, 7)
+    # channel rounding: MobileNetV2 keeps its 1280-channel head below width 1, EfficientNet scales it
+    assert create_model("mobilenet_v2", width_mult=0.5, features_only=False).num_features == 1280
+    assert create_model("efficientnet_b0", width_mult=0.5).num_features == 640
+
+
+def test_imagenet_models_run_at_224():
+    model = create_model("mobilenet_v1", width_mult=0.25, conv="condconv", num_experts=2).eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 224, 224))
+    assert out.shape == (1, 1000) and torch.isfinite(out).all()
+
+
+def test_parameter_counts_of_the_standard_models():
+    # torchvision / timm counts: the architectures are the standard ones
+    expected = {"mobilenet_v2": 3_504_872, "resnet18": 11_689_512, "resnet50": 25_557_032,
+                "efficientnet_b0": 5_288_548, "mnasnet_a1": 3_887_038}
+    with torch.device("meta"):
+        counts = {name: sum(p.numel() for p in create_model(name).parameters()) for name in expected}
+    assert counts == expected
+
+
+def test_registry_errors():
+    with pytest.raises(ValueError, match="unknown model 'mobilenet_v3'.*'mobilenet_v1'"):
+        create_model("mobilenet_v3")
+    with pytest.raises(ValueError, match="unknown model 'resnet5'.*resnet50"):
+        create_model("resnet5")
+    with pytest.raises(ValueError, match="already registered"):
+        register_model(lambda **kw: None, name="resnet18")
+
+    @register_model(name="_test_only_model")
+    def builder(**kwargs):
+        return nn.Linear(2, 2)
+
+    assert isinstance(create_model("_test_only_model"), nn.Linear)
+    with pytest.raises(ValueError, match="already registered"):
+        register_model(builder, name="_test_only_model")
+    from condconv.models import registry
+    del registry._MODELS["_test_only_model"]
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"conv": "lora"}, ValueError, "conv must be one of"),
+    ({"num_experts": 4}, ValueError, "need a dynamic convolution"),
+    ({"conv": "condconv", "num_experts": 0}, ValueError, "num_experts must be a positive int"),
+    ({"conv": "condconv", "dynamic_blocks": 99}, ValueError, "dynamic_blocks must be between 0"),
+    ({"conv": "condconv", "dynamic_blocks": [0, 40]}, ValueError, "dynamic_blocks indices"),
+    ({"conv": "condconv", "dynamic_blocks": "some"}, ValueError, "dynamic_blocks must be None, 'all'"),
+    ({"conv": "condconv", "dynamic_head": "yes"}, TypeError, "dynamic_head must be a bool"),
+    ({"conv": "condconv", "conv_kwargs": {"routing": "softmax"}}, ValueError, "conflicts with shared_routing"),
+    ({"width_mult": 0}, ValueError, "width_mult must be a positive number"),
+    ({"num_classes": 0}, ValueError, "num_classes must be a positive int"),
+    ({"dropout": 1.5}, ValueError, "dropout must be a number in"),
+    ({"in_chans": -1}, ValueError, "in_chans must be a positive int"),
+    ({"widht_mult": 0.5}, TypeError, "widht_mult"),
+])
+def test_bad_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match), torch.device("meta"):
+        create_model("efficientnet_b0", **kwargs)
+
+
+def test_conv_kwargs_reach_the_layers():
+    model = create_model("mobilenet_v2_cifar", width_mult=0.25, conv="condconv", num_experts=3,
+                         conv_kwargs={"routing": "softmax", "temperature": 5.0})
+    layers = [m for m in model.modules() if isinstance(m, CondConv2d)]
+    assert layers and all(m.routing == "softmax" and m.num_experts == 3 for m in layers)
+    assert condconv.set_temperature(model, 1.0) == len(layers)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kind", KINDS)
+def test_cuda_forward_backward(kind):
+    torch.manual_seed(0)
+    model = _tiny("efficientnet_b0_cifar", kind).cuda()
+    out = model(torch.randn(4, 3, 32, 32, device="cuda"))
+    assert out.shape == (4, 10) and out.is_cuda and torch.isfinite(out).all()
+    out.square().mean().backward()
+    assert all(p.grad is not None and p.grad.is_cuda for p in model.parameters())
