@@ -18,6 +18,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from condconv._checks import positive_int as _positive_int
 from condconv.functional import (
     PADDING_MODES,
     STRATEGIES,
@@ -31,12 +32,6 @@ from condconv.routing import OmniRouter, SigmoidRouter, SoftmaxRouter, _check_dr
 __all__ = ["CondConv2d", "DynamicConv2d", "ODConv2d", "make_conv2d", "DynamicConvBase", "CONV_KINDS"]
 
 CONV_KINDS = ("static", "condconv", "dynamic", "odconv")
-
-
-def _positive_int(value: object, name: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 class DynamicConvBase(nn.Module):

@@ -19,6 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from condconv._checks import positive_int as _positive_int
+from condconv._checks import positive_number, probability
+
 __all__ = [
     "SigmoidRouter",
     "SoftmaxRouter",
@@ -29,22 +32,12 @@ __all__ = [
 ]
 
 
-def _positive_int(value: object, name: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
 def _check_temperature(value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"temperature must be a positive number, got {value!r}")
-    return float(value)
+    return positive_number(value, "temperature")
 
 
 def _check_dropout(value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-        raise ValueError(f"dropout must be a number in [0, 1), got {value!r}")
-    return float(value)
+    return probability(value, "dropout")
 
 
 def _pooled(x: Tensor) -> Tensor:
@@ -174,8 +167,7 @@ class OmniRouter(nn.Module):
         _positive_int(out_channels, "out_channels")
         _positive_int(num_experts, "num_experts")
         _positive_int(min_channels, "min_channels")
-        if isinstance(reduction, bool) or not isinstance(reduction, (int, float)) or not reduction > 0:
-            raise ValueError(f"reduction must be a positive number, got {reduction!r}")
+        positive_number(reduction, "reduction")
         if norm not in _NORMS:
             raise ValueError(f"norm must be one of {_NORMS}, got {norm!r}")
         factory = {"device": device, "dtype": dtype}

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor, nn
 
+from condconv._checks import positive_int, probability
 from condconv.layers import CONV_KINDS, CondConv2d, DynamicConvBase, make_conv2d
 from condconv.routing import OmniRouter, SigmoidRouter, SoftmaxRouter
 
@@ -328,18 +329,6 @@ class FeatureInfo:
     module: str
 
 
-def _check_dropout(value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-        raise ValueError(f"dropout must be a number in [0, 1), got {value!r}")
-    return float(value)
-
-
-def _check_positive_int(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
 def check_width(width_mult: object) -> float:
     """Validate a width multiplier (a positive number)."""
     if isinstance(width_mult, bool) or not isinstance(width_mult, (int, float)) or not width_mult > 0:
@@ -374,8 +363,8 @@ class ConvNet(nn.Module):
                  num_features: int, num_classes: int, dropout: float, classifier_spec: ConvSpec,
                  features_only: bool) -> None:
         super().__init__()
-        _check_positive_int(num_classes, "num_classes")
-        _check_dropout(dropout)
+        positive_int(num_classes, "num_classes")
+        probability(dropout, "dropout")
         if not isinstance(features_only, bool):
             raise TypeError(f"features_only must be a bool, got {features_only!r}")
         self.stem = stem
@@ -584,7 +573,7 @@ class Architecture:
             conv_kwargs: further keyword arguments of the dynamic layers.
             features_only: no head; ``forward`` returns the five feature maps (see :attr:`ConvNet.feature_info`).
         """
-        _check_positive_int(in_chans, "in_chans")
+        positive_int(in_chans, "in_chans")
         if not isinstance(small_input, bool):
             raise TypeError(f"small_input must be a bool, got {small_input!r}")
         width_mult = check_width(width_mult)

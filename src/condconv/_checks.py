@@ -1,0 +1,26 @@
+"""Argument validation shared by the whole package: each check raises ``ValueError`` naming the argument."""
+
+from __future__ import annotations
+
+__all__ = ["positive_int", "positive_number", "probability"]
+
+
+def positive_int(value: object, name: str) -> int:
+    """``value`` if it is an int >= 1 (bools rejected)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def positive_number(value: object, name: str) -> float:
+    """``value`` as a float if it is a real number > 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+    return float(value)
+
+
+def probability(value: object, name: str) -> float:
+    """``value`` as a float if it is a number in [0, 1) (a dropout rate)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+    return float(value)
