@@ -282,6 +282,10 @@ def dynamic_conv2d(
     if routing.dim() != 2 or routing.shape[0] != batch or routing.shape[1] != experts:
         raise ValueError(f"routing must have shape (batch, num_experts) = ({batch}, {experts}), "
                          f"got {tuple(routing.shape)}")
+    if routing.dtype != weight.dtype and not _autocast_on(x.device.type):
+        routing = routing.to(weight.dtype)  # the kernels are mixed in the experts' dtype
+    if spatial is not None and spatial.dtype != weight.dtype and not _autocast_on(x.device.type):
+        spatial = spatial.to(weight.dtype)
     if bias is not None and tuple(bias.shape) != (experts, out_channels):
         raise ValueError(f"bias must have shape (num_experts, out_channels) = ({experts}, {out_channels}), "
                          f"got {tuple(bias.shape)}")
@@ -487,10 +491,12 @@ class _MixedMatmul(torch.autograd.Function):
         return _mixed_matmul_forward(x, weight, routing, spatial, columns)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: Tensor):
         x, weight, routing, spatial = ctx.saved_tensors
         columns = ctx.columns
+        if torch.is_grad_enabled():
+            # create_graph=True (double backward, gradient penalties): differentiate the plain formulation instead
+            return _MixedMatmul._differentiable_backward(ctx, grad_out, x, weight, routing, spatial, columns)
         need_x, need_weight, need_routing, need_spatial = ctx.needs_input_grad[:4]
         batch = x.shape[0]
         experts, groups, per_group_out, depth = weight.shape
@@ -533,6 +539,19 @@ class _MixedMatmul(torch.autograd.Function):
                     torch.matmul(grad_k, flat_w.t(), out=grad_routing[i:j])
         grad_weight = None if grad_weight is None else grad_weight.view_as(weight)
         return grad_x, grad_weight, grad_routing, grad_spatial, None
+
+    @staticmethod
+    def _differentiable_backward(ctx, grad_out, x, weight, routing, spatial, columns):
+        inputs = (x, weight, routing, spatial)
+        wanted = [t for t, need in zip(inputs, ctx.needs_input_grad[:4]) if need and t is not None]
+        with torch.enable_grad():
+            kernels = torch.matmul(routing, weight.reshape(weight.shape[0], -1))
+            if spatial is not None:
+                kernels = (kernels.reshape(x.shape[0], -1, spatial.shape[1]) * spatial[:, None, :])
+            out = torch.matmul(kernels.reshape(x.shape[0], *weight.shape[1:]), columns(x))
+            grads = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=True))
+        return tuple(next(grads) if (need and t is not None) else None
+                     for t, need in zip(inputs, ctx.needs_input_grad[:4])) + (None,)
 
 
 def _chunk_size(batch: int, numel: int, like: Tensor) -> int:

@@ -104,7 +104,7 @@ class SoftmaxRouter(nn.Module):
             width = max(in_channels // reduction, 4)
             self.hidden = nn.Sequential(nn.Linear(in_channels, width, **factory), nn.ReLU(inplace=True))
             self.fc = nn.Linear(width, num_experts, **factory)
-        self.register_buffer("temperature", torch.tensor(_check_temperature(temperature), device=device))
+        self.register_buffer("temperature", torch.tensor(_check_temperature(temperature), device=device, dtype=dtype))
 
     def forward(self, x: Tensor) -> Tensor:
         """``x``: ``(B, C, H, W)`` -> routing ``(B, num_experts)``, rows summing to 1."""
@@ -187,13 +187,16 @@ class OmniRouter(nn.Module):
         self.in_channel = nn.Linear(hidden, in_channels, **factory)
         self.out_channel = None if depthwise else nn.Linear(hidden, out_channels, **factory)
         self.expert = nn.Linear(hidden, num_experts, **factory) if num_experts > 1 else None
-        self.register_buffer("temperature", torch.tensor(_check_temperature(temperature), device=device))
+        self.register_buffer("temperature", torch.tensor(_check_temperature(temperature), device=device, dtype=dtype))
 
     def _heads(self) -> list[nn.Linear]:
         return [h for h in (self.spatial, self.in_channel, self.out_channel, self.expert) if h is not None]
 
     def forward(self, x: Tensor) -> Attentions:
         """``x``: ``(B, C_in, H, W)`` -> :class:`Attentions`."""
+        if self.training and isinstance(self.norm, nn.BatchNorm1d) and x.shape[0] == 1:
+            raise ValueError("OmniRouter with norm='batch' cannot train on a batch of 1 (BatchNorm needs more than "
+                             "one value per channel): use norm='layer' (the default) or norm='none'")
         h = F.relu(self.norm(self.fc(_pooled(x))))
         t = self.temperature.to(h.dtype)
         spatial = None

@@ -1,0 +1,79 @@
+"""Shared fixtures for the engine and layer tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import condconv.functional as functional
+
+
+class _ConvLog(TorchDispatchMode):
+    """Records the forward convolutions (input shape, weight shape, groups) dispatched while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.convs: list[tuple[tuple[int, ...], tuple[int, ...], int]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.convolution.default:
+            shapes = (tuple(int(n) for n in args[0].shape), tuple(int(n) for n in args[1].shape))
+            self.convs.append((*shapes, int(args[8])))
+        return func(*args, **(kwargs or {}))
+
+
+def strategy_used(fn, batch: int, experts: int, out_channels: int, groups: int) -> str:
+    """Run ``fn()`` (one dynamic convolution, plus routers if any) and name the strategy it executed.
+
+    Identified from the operations it dispatches, by the engine's definition of each strategy rather than by its
+    internal function names: ``experts`` is one convolution of the whole batch with ``E * C_out`` stacked kernels;
+    ``grouped`` one convolution of a batch of 1 with ``batch * groups`` groups; ``single`` a plain convolution of a
+    batch of 1 with ``C_out`` kernels; ``bmm`` no convolution at all (matrix multiplies, after im2col for kxk).
+    Use ``batch > 1`` and ``experts > 1`` where the distinction matters.
+    """
+    with _ConvLog() as log:
+        fn()
+    if not log.convs:
+        return "bmm"
+    kinds = set()
+    for in_shape, w_shape, conv_groups in log.convs:
+        if w_shape[0] == experts * out_channels and in_shape[0] == batch and conv_groups == groups and experts > 1:
+            kinds.add("experts")
+        elif in_shape[0] == 1 and batch > 1 and conv_groups == batch * groups:
+            kinds.add("grouped")
+        elif in_shape[0] == batch == 1 and w_shape[0] == out_channels and conv_groups == groups:
+            kinds.add("single")
+        else:
+            kinds.add(f"unknown{(in_shape, w_shape, conv_groups)}")
+    assert len(kinds) == 1, f"could not tell the strategy from the convolutions {log.convs}"
+    return kinds.pop()
+
+
+@pytest.fixture
+def spy():
+    """:func:`strategy_used`, as a fixture."""
+    return strategy_used
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny-shape tests: one intra-op thread (on a busy 2-core machine, thread hand-offs cost more than the maths)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def clean_strategy():
+    """Seed torch and make sure no test leaks a global strategy (default or :func:`use_strategy`) to the next."""
+    torch.manual_seed(0)
+    functional.set_default_strategy("auto")
+    yield
+    functional.set_default_strategy("auto")
+    stack = getattr(functional._state, "stack", None)
+    leaked = list(stack) if stack else []
+    if stack:
+        stack.clear()
+    assert not leaked, f"use_strategy left active: {leaked}"
