@@ -675,3 +675,26 @@ def test_routing_in_another_dtype_is_cast_to_the_experts_dtype(name):
     ref = reference_dynamic_conv2d(x, weight, routing.to(F64), None, 1, 1)
     assert got.dtype == F64
     torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("chunk_bytes", [3000, 800])
+@pytest.mark.parametrize("kernel,groups,spatial", [(1, 1, False), (1, 1, True), (3, 1, True), (3, 2, False)])
+def test_fused_tiles_over_batch_and_output_channels(monkeypatch, chunk_bytes, kernel, groups, spatial):
+    """Tiny workspaces force the fused CPU path to tile over batch chunks and output-channel tiles: forward and
+    every gradient must still equal the reference."""
+    monkeypatch.setattr(functional, "_CHUNK_BYTES", chunk_bytes)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 6, 6, 5, dtype=F64, generator=gen, requires_grad=True)
+    weight = torch.randn(3, 70, 6 // groups, kernel, kernel, dtype=F64, generator=gen, requires_grad=True)
+    routing = torch.rand(5, 3, dtype=F64, generator=gen, requires_grad=True)
+    spat = torch.rand(5, kernel, kernel, dtype=F64, generator=gen, requires_grad=True) if spatial else None
+    inputs = [t for t in (x, weight, routing, spat) if t is not None]
+    args = (None, 1, kernel // 2, 1, groups)
+    got = dynamic_conv2d(x, weight, routing, *args, spatial=spat, strategy="bmm")
+    ref = reference_dynamic_conv2d(x, weight, routing, *args, spatial=spat)
+    grad_out = torch.randn_like(ref)
+    got_grads = torch.autograd.grad(got, inputs, grad_out)
+    ref_grads = torch.autograd.grad(ref, inputs, grad_out)
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
+    for g, r in zip(got_grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
