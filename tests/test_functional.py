@@ -525,13 +525,16 @@ def test_auto_runs_what_select_strategy_says(spy, kwargs):
     assert spy(run, **shape) == expected
 
 
-def test_auto_picks_experts_for_few_experts_on_large_maps(spy):
-    """The 'experts' branch of the cost model: dense kxk, E * kh * kw <= 8, outputs of at least 56x56."""
+def test_auto_rules_for_dense_layers(spy):
+    """Dense 1x1 -> 'bmm'; dense kxk -> 'grouped' on the CPU and 'bmm' on CUDA (by device, no GPU needed)."""
+    assert select_strategy(8, 16, 16, (1, 1), 1, 8, (14, 14)) == "bmm"
+    assert select_strategy(8, 16, 16, (3, 3), 1, 8, (14, 14)) == "grouped"
+    assert select_strategy(8, 16, 16, (3, 3), 1, 8, (14, 14), device="cuda") == "bmm"
+    assert select_strategy(8, 16, 16, (3, 3), 1, 8, (14, 14), device=torch.device("cuda", 0)) == "bmm"
     x = torch.randn(2, 1, 56, 56, dtype=F64)
     weight = torch.randn(2, 2, 1, 1, 3, dtype=F64)
     routing = torch.rand(2, 2, dtype=F64)
-    assert select_strategy(2, 1, 2, (1, 3), 1, 2, (56, 56)) == "experts"
-    assert spy(lambda: dynamic_conv2d(x, weight, routing, padding=(0, 1)), 2, 2, 2, 1) == "experts"
+    assert spy(lambda: dynamic_conv2d(x, weight, routing, padding=(0, 1)), 2, 2, 2, 1) == "grouped"
     torch.testing.assert_close(dynamic_conv2d(x, weight, routing, padding=(0, 1)),
                                reference_dynamic_conv2d(x, weight, routing, padding=(0, 1)), rtol=0, atol=1e-10)
 

@@ -23,8 +23,8 @@ from torch import Tensor, nn
 from condconv.functional import select_strategy
 from condconv.layers import CondConv2d, DynamicConv2d, ODConv2d
 
-__all__ = ["LayerShape", "BENCH_SHAPES", "BenchRow", "bench_layers", "seed_loop_odconv", "add_bench_arguments",
-           "run_bench"]
+__all__ = ["LayerShape", "BENCH_SHAPES", "BenchRow", "bench_layers", "seed_loop_odconv", "folded_baseline",
+           "add_bench_arguments", "run_bench"]
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,20 @@ def seed_loop_odconv(layer: ODConv2d, x: Tensor) -> Tensor:
             kernel = kernel * att.expert[0][:, None, None, None, None]
         outs.append(F.conv2d(xb, kernel.sum(0), None, layer.stride, layer.padding, layer.dilation, layer.groups))
     return torch.cat(outs, 0)
+
+
+def folded_baseline(layer: CondConv2d, x: Tensor) -> Tensor:
+    """The usual batch-folded CondConv (the paper's and seed's method, as most implementations write it): mix every
+    example's kernel into a fresh tensor, fold the batch into channels, one grouped convolution. For comparison."""
+    batch, channels, height, width = x.shape
+    kernels = torch.matmul(layer.router(x), layer.weight.reshape(layer.num_experts, -1))
+    out = F.conv2d(x.reshape(1, batch * channels, height, width),
+                   kernels.reshape(batch * layer.out_channels, *layer.weight.shape[2:]), None, layer.stride,
+                   layer.padding, layer.dilation, batch * layer.groups)
+    out = out.reshape(batch, layer.out_channels, *out.shape[-2:])
+    if layer.bias is not None:
+        out = out + torch.matmul(layer.router(x), layer.bias)[:, :, None, None]
+    return out
 
 
 def _timed(fn: Callable[[], object]) -> float:
@@ -167,6 +181,8 @@ def bench_layers(shapes: Iterable[LayerShape] = BENCH_SHAPES, experts: Iterable[
                     m.strategy = s
                     return m(inp)
                 candidates[f"{kind}:{strategy}"] = _step(layer, x, mode, call)
+        if "condconv" in layers:
+            candidates["folded-baseline"] = _step(layers["condconv"], x, mode, folded_baseline)
         if seed_loop and "odconv" in layers:
             candidates["odconv:seed-loop"] = _step(layers["odconv"], x, mode, seed_loop_odconv)
         timed = {name: (lambda fn=fn: (fn(), sync())) for name, fn in candidates.items()}
@@ -177,7 +193,7 @@ def bench_layers(shapes: Iterable[LayerShape] = BENCH_SHAPES, experts: Iterable[
                                         (shape.size, shape.size), spatial=False, device=device)
         for name, median in medians.items():
             kind, _, strategy = name.partition(":")
-            strategy = strategy or "static"
+            strategy = strategy or kind
             resolved = resolved_auto if strategy == "auto" else strategy
             rows.append(BenchRow(shape.name, kind, strategy, resolved, num_experts, batch, mode, median * 1e3,
                                  median / base, rounds))
@@ -197,14 +213,18 @@ def geomean(values: Iterable[float]) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")
 
 
+def _column(row: BenchRow) -> str:
+    return row.kind if row.kind == row.strategy else f"{row.kind}:{row.strategy}"
+
+
 def format_table(rows: list[BenchRow], num_experts: int, batch: int, mode: str) -> str:
     """Markdown table of ratios to static for one (experts, batch, mode): shapes down, candidates across."""
     sel = [r for r in rows if r.num_experts == num_experts and r.batch == batch and r.mode == mode]
     if not sel:
         return ""
     shapes = list(dict.fromkeys(r.shape for r in sel))
-    cols = [c for c in dict.fromkeys(f"{r.kind}:{r.strategy}" for r in sel) if c != "static:static"]
-    lookup = {(r.shape, f"{r.kind}:{r.strategy}"): r for r in sel}
+    cols = [c for c in dict.fromkeys(_column(r) for r in sel) if c != "static"]
+    lookup = {(r.shape, _column(r)): r for r in sel}
     lines = [f"| {mode}, E={num_experts}, B={batch} | static ms | " + " | ".join(cols) + " |",
              "|---|---:|" + "---:|" * len(cols)]
     for shape in shapes:
@@ -215,7 +235,7 @@ def format_table(rows: list[BenchRow], num_experts: int, batch: int, mode: str) 
                 cells.append("")
             else:
                 cells.append(f"{r.ratio_to_static:.2f}" + (f" ({r.resolved})" if r.strategy == "auto" else ""))
-        static_ms = lookup[(shape, "static:static")].median_ms
+        static_ms = lookup[(shape, "static")].median_ms
         lines.append(f"| {shape} | {static_ms:.2f} | " + " | ".join(cells) + " |")
     gm = []
     for c in cols:

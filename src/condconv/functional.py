@@ -198,34 +198,30 @@ def select_strategy(
 ) -> str:
     """The strategy ``'auto'`` resolves to for one call.
 
-    Rules, from the layer benchmark (``condconv bench layers``, see the README):
+    Rules, from the layer benchmark (``condconv bench layers``; figures in the README):
 
-    - tracing, exporting or compiling: ``'experts'`` for grouped/depthwise layers and 3x3 layers, ``'bmm'`` for dense
-      1x1 layers — neither has a batch-dependent ``groups``, so both export and compile with a dynamic batch;
-    - batch 1: ``'single'``;
-    - depthwise and other grouped layers: ``'grouped'``;
-    - dense 1x1 layers: ``'bmm'``;
-    - dense kxk layers: ``'bmm'`` (im2col) while the unfolded input stays small, ``'experts'`` when few experts make
-      the dense convolution cheaper than mixing the kernels, otherwise ``'grouped'``.
+    - tracing, exporting or compiling: ``'bmm'`` for dense 1x1 layers, ``'experts'`` otherwise — neither has a
+      batch-dependent ``groups``, so the graph exports and compiles with a dynamic batch;
+    - batch 1: ``'single'`` (a plain convolution with the one mixed kernel);
+    - dense 1x1 layers: ``'bmm'`` (a batched matmul; on the CPU tiled with reused buffers);
+    - dense kxk layers: ``'grouped'`` on the CPU, where oneDNN's grouped convolution beats im2col + matmul, and
+      ``'bmm'`` on CUDA (not measured here: no GPU was available; force a strategy if yours differs);
+    - depthwise and other grouped layers: ``'grouped'``.
+
+    ``num_experts`` and ``out_hw`` are accepted so that measured tables can refine the rule without an API change.
     """
     kh, kw = kernel_size
     pointwise = kh == 1 and kw == 1
     if tracing:
-        return "bmm" if (pointwise and groups == 1 and not spatial) else "experts"
+        return "bmm" if (pointwise and groups == 1) else "experts"
     if batch <= 1:
         return "single"
     if groups > 1:
         return "grouped"
     if pointwise:
         return "bmm"
-    # Dense kxk. Kernel mixing costs E * params per example; the convolution params * out_pixels.
-    pixels = out_hw[0] * out_hw[1]
-    if num_experts * (kh * kw) <= 8 and pixels >= 3136 and not spatial:
-        # few experts on a large map: E x the dense conv beats both mixing and unfolding
-        return "experts"
-    if pixels <= 1024:
-        return "bmm"
-    return "grouped"
+    device_type = device.type if isinstance(device, torch.device) else str(device).split(":")[0]
+    return "bmm" if device_type == "cuda" else "grouped"
 
 
 def dynamic_conv2d(
