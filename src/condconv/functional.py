@@ -46,6 +46,7 @@ __all__ = [
     "get_default_strategy",
     "conv_output_size",
     "resolve_padding",
+    "clear_workspace",
 ]
 
 STRATEGIES = ("auto", "grouped", "experts", "bmm", "single")
@@ -55,6 +56,8 @@ PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 # glibc's allocator serves blocks under its adaptive mmap threshold from reusable heap memory, larger ones from
 # fresh pages that are faulted in and zero-filled on every call (measured: this costs more than the mixing).
 _CHUNK_BYTES = 8 * 2**20
+# The grouped convolution loses efficiency when split into small batches; it takes larger chunks.
+_GROUPED_CHUNK_BYTES = 64 * 2**20
 
 # The CPU ``bmm`` path runs through a custom autograd function with reused buffers; False falls back to plain
 # autograd over mix_kernels + matmul (both are tested against the reference).
@@ -336,7 +339,7 @@ def dynamic_conv2d(
         else:
             out = _per_example(_bmm, x, weight, routing, spatial, geometry, (out_h, out_w))
     elif chosen == "grouped":
-        out = _per_example(_grouped, x, weight, routing, spatial, geometry, (out_h, out_w))
+        out = _per_example(_grouped, x, weight, routing, spatial, geometry, (out_h, out_w), _GROUPED_CHUNK_BYTES)
     else:  # single
         kernel = mix_kernels(routing, weight, spatial)[0]
         out = F.conv2d(x, kernel, None, stride_, conv_pad, dilation_, groups)
@@ -377,8 +380,13 @@ def _workspace(numel: int, like: Tensor, slot: int = 0) -> Tensor:
     return buf[:numel]
 
 
-def _per_example(apply, x, weight, routing, spatial, geometry, out_hw) -> Tensor:
-    """Mix per-example kernels and ``apply`` them, over batch chunks whose kernels fit in ``_CHUNK_BYTES``.
+def clear_workspace() -> None:
+    """Free this thread's reusable CPU buffers (up to ``_GROUPED_CHUNK_BYTES`` per dtype, re-created on demand)."""
+    _state.workspace = {}
+
+
+def _per_example(apply, x, weight, routing, spatial, geometry, out_hw, chunk_bytes: int | None = None) -> Tensor:
+    """Mix per-example kernels and ``apply`` them, over batch chunks whose kernels fit in ``chunk_bytes``.
 
     Without autograd on the CPU, each chunk's kernels are mixed into one reused buffer (``matmul(out=)``): fresh
     multi-megabyte allocations fault in zeroed pages on every call, which can cost more than the mixing itself.
@@ -387,7 +395,7 @@ def _per_example(apply, x, weight, routing, spatial, geometry, out_hw) -> Tensor
     numel = weight[0].numel()
     chunk = batch
     if x.device.type == "cpu" and not _is_tracing():
-        chunk = _chunk_size(batch, numel, weight)
+        chunk = _chunk_size(batch, numel, weight, chunk_bytes or _CHUNK_BYTES)
     reuse = (x.device.type == "cpu" and not _needs_grad(x, weight, routing, spatial) and not _is_tracing()
              and not _autocast_on("cpu") and routing.dtype == weight.dtype)
     if chunk >= batch and not reuse:
@@ -598,8 +606,8 @@ def _tiling(batch: int, groups: int, per_group_out: int, depth: int, length: int
     return chunk, tile
 
 
-def _chunk_size(batch: int, numel: int, like: Tensor) -> int:
-    return max(1, min(batch, _CHUNK_BYTES // max(1, numel * like.element_size())))
+def _chunk_size(batch: int, numel: int, like: Tensor, budget: int | None = None) -> int:
+    return max(1, min(batch, (budget or _CHUNK_BYTES) // max(1, numel * like.element_size())))
 
 
 def _mixed_matmul_forward(x: Tensor, weight: Tensor, routing: Tensor, spatial: Tensor | None,
