@@ -45,3 +45,17 @@ __all__ = [
     "__version__",
 ]
 # -- names added by the model zoo, counter, data/training and deployment modules go below this line --
+from condconv.models import create_model, list_models, register_model  # noqa: E402
+from condconv.profile import count_macs  # noqa: E402
+
+__all__ += ["create_model", "list_models", "register_model", "count_macs"]
+from condconv.convert import convert, list_convs, select_convs  # noqa: E402
+from condconv.export import export_model, load_exported, verify_export  # noqa: E402
+
+__all__ += ["convert", "list_convs", "select_convs", "export_model", "load_exported", "verify_export"]
+from condconv.data import EpochLoader, build_dataset  # noqa: E402
+from condconv.sweep import routing_statistics, sweep_grid  # noqa: E402
+from condconv.train import TrainConfig, TrainResult, evaluate_checkpoint, load_checkpoint, train_model  # noqa: E402
+
+__all__ += ["EpochLoader", "build_dataset", "TrainConfig", "TrainResult", "evaluate_checkpoint", "load_checkpoint",
+            "train_model", "routing_statistics", "sweep_grid"]  # fmt: skip
