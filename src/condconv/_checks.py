@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-__all__ = ["positive_int", "positive_number", "probability"]
+from collections.abc import Sequence
+
+__all__ = ["positive_int", "positive_number", "probability", "parse_kwargs"]
 
 
 def positive_int(value: object, name: str) -> int:
@@ -24,3 +26,19 @@ def probability(value: object, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
         raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
     return float(value)
+
+
+def parse_kwargs(items: Sequence[str] | None, option: str = "--model-kwargs") -> dict:
+    """``['num_classes=10', 'width_mult=0.5']`` -> ``{'num_classes': 10, 'width_mult': 0.5}`` (values read as YAML)."""
+    import yaml
+
+    out: dict = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ValueError(f"{option} expects KEY=VALUE pairs, got {item!r}")
+        key, value = item.split("=", 1)
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            out[key.strip()] = value
+    return out

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from condconv._checks import parse_kwargs
 from condconv.layers import CondConv2d, DynamicConv2d, DynamicConvBase, ODConv2d
 
 __all__ = [
@@ -454,22 +455,6 @@ def default_input_size(model_name: str, config: dict | None = None) -> tuple[int
     chans = int(config.get("in_chans") or args.get("in_chans") or 3)
     size = config.get("image_size") or (32 if str(model_name).endswith("_cifar") else 224)
     return (chans, int(size), int(size))
-
-
-def parse_kwargs(items: Sequence[str] | None, option: str = "--model-kwargs") -> dict:
-    """``['num_classes=10', 'width_mult=0.5']`` -> ``{'num_classes': 10, 'width_mult': 0.5}`` (YAML values)."""
-    import yaml
-
-    out: dict = {}
-    for item in items or []:
-        if "=" not in item:
-            raise ValueError(f"{option} expects KEY=VALUE pairs, got {item!r}")
-        key, value = item.split("=", 1)
-        try:
-            out[key.strip()] = yaml.safe_load(value)
-        except yaml.YAMLError:
-            out[key.strip()] = value
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------

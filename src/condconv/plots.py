@@ -28,6 +28,16 @@ def _pyplot():
     return plt
 
 
+def _save(fig, path: Path) -> Path:
+    """Write ``fig`` to ``path`` atomically (temporary file, then rename) and close it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp)
+    _pyplot().close(fig)
+    os.replace(tmp, path)
+    return path
+
+
 def plot_macs_vs_accuracy(
     rows: Sequence[Mapping[str, Any]],
     path: str | os.PathLike,
@@ -72,12 +82,7 @@ def plot_macs_vs_accuracy(
     if title:
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return _save(fig, path)
 
 
 def plot_routing(
@@ -146,12 +151,7 @@ def plot_routing(
         fig.colorbar(im, ax=[a for row in axes for a in row], shrink=0.6, label="mean routing weight")
     if title:
         fig.suptitle(title, fontsize=9)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return _save(fig, path)
 
 
 def _short(name: str, limit: int = 28) -> str:

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from condconv.convert import parse_kwargs
+from condconv._checks import parse_kwargs
 from condconv.layers import DynamicConvBase
 from condconv.models import create_model
 from condconv.models.blocks import SqueezeExcite

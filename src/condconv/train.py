@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from condconv._checks import parse_kwargs
 from condconv.data import ArrayImageDataset, EpochLoader, build_dataset
 
 __all__ = [
@@ -1385,21 +1386,6 @@ def evaluate_checkpoint(
 # ----------------------------------------------------------------------------------------------------------------
 # command line
 # ----------------------------------------------------------------------------------------------------------------
-def _kv_pairs(items: list[str] | None) -> dict[str, Any]:
-    import yaml
-
-    out: dict[str, Any] = {}
-    for item in items or []:
-        if "=" not in item:
-            raise ValueError(f"--model-kwargs expects key=value pairs, got {item!r}")
-        k, v = item.split("=", 1)
-        try:
-            out[k.strip()] = yaml.safe_load(v)
-        except yaml.YAMLError:
-            out[k.strip()] = v
-    return out
-
-
 def _opt_int_or_float(text: str) -> int | float:
     try:
         return int(text)
@@ -1538,7 +1524,7 @@ def config_from_args(
         explicit += list(file_values)
     given = {k: v for k, v in vars(args).items() if k in names}
     if "model_kwargs" in given:
-        given["model_kwargs"] = {**values.get("model_kwargs", {}), **_kv_pairs(given["model_kwargs"])}
+        given["model_kwargs"] = {**values.get("model_kwargs", {}), **parse_kwargs(given["model_kwargs"])}
     values.update(given)
     explicit += list(given)
     try:
