@@ -96,7 +96,7 @@ def test_zoo_model_compiles():
     torch.manual_seed(0)
     base = create_model("resnet18_cifar", num_classes=10, width_mult=0.25)
     model, _ = condconv.convert(base, "condconv", num_experts=2, perturb=0.05, seed=0)
-    eager, _ = condconv.convert(base, "odconv", num_experts=2, perturb=0.05, seed=0)
+    eager, _ = condconv.convert(base, "condconv", num_experts=2, perturb=0.05, seed=0)
     _check_train_and_eval(model, eager, (3, 16, 16))
 
 
