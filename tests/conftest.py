@@ -50,6 +50,30 @@ def strategy_used(fn, batch: int, experts: int, out_channels: int, groups: int) 
     return kinds.pop()
 
 
+# "bmm-unfused": the 'bmm' strategy with the CPU custom-autograd path (FUSED_CPU) switched off
+ALL_PATHS = ("grouped", "experts", "bmm", "bmm-unfused", "single", "auto")
+MULTI_PATHS = ("grouped", "experts", "bmm", "bmm-unfused", "auto")
+
+
+def _select_path(name: str, monkeypatch) -> str:
+    if name == "bmm-unfused":
+        monkeypatch.setattr(functional, "FUSED_CPU", False)
+        return "bmm"
+    return name
+
+
+@pytest.fixture(params=ALL_PATHS)
+def strategy(request, monkeypatch):
+    """Every strategy (and execution path); 'single' must be given a batch of one."""
+    return _select_path(request.param, monkeypatch)
+
+
+@pytest.fixture(params=MULTI_PATHS)
+def multi_strategy(request, monkeypatch):
+    """Every strategy that takes any batch size (and execution path)."""
+    return _select_path(request.param, monkeypatch)
+
+
 @pytest.fixture
 def spy():
     """:func:`strategy_used`, as a fixture."""

@@ -25,27 +25,10 @@ F64 = torch.float64
 EXPLICIT = ("grouped", "experts", "bmm", "single")
 ALL = EXPLICIT + ("auto",)
 MULTI = ("grouped", "experts", "bmm", "auto")  # the strategies that take any batch size
-# "bmm-unfused": the 'bmm' strategy with the CPU custom-autograd path (FUSED_CPU) switched off
-ALL_PATHS = ("grouped", "experts", "bmm", "bmm-unfused", "single", "auto")
-MULTI_PATHS = ("grouped", "experts", "bmm", "bmm-unfused", "auto")
 
 
-@pytest.fixture(params=ALL_PATHS)
-def strategy(request, monkeypatch):
-    """Every strategy (and execution path); 'single' must be given a batch of one."""
-    if request.param == "bmm-unfused":
-        monkeypatch.setattr(functional, "FUSED_CPU", False)
-        return "bmm"
-    return request.param
 
 
-@pytest.fixture(params=MULTI_PATHS)
-def multi_strategy(request, monkeypatch):
-    """Every strategy that takes any batch size (and execution path)."""
-    if request.param == "bmm-unfused":
-        monkeypatch.setattr(functional, "FUSED_CPU", False)
-        return "bmm"
-    return request.param
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-import condconv.functional as functional
 from condconv import (
     CondConv2d,
     DynamicConv2d,
@@ -30,16 +29,8 @@ pytestmark = [
 ]
 
 F64 = torch.float64
-PATHS = ("grouped", "experts", "bmm", "bmm-unfused", "single", "auto")
 
 
-@pytest.fixture(params=PATHS)
-def strategy(request, monkeypatch):
-    """Every strategy (and execution path); 'single' must be given a batch of one."""
-    if request.param == "bmm-unfused":
-        monkeypatch.setattr(functional, "FUSED_CPU", False)
-        return "bmm"
-    return request.param
 
 
 # kind name -> (class, extra keyword arguments)

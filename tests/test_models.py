@@ -17,14 +17,8 @@ CIFAR = list_models("*_cifar")
 IMAGENET = [name for name in list_models() if not name.endswith("_cifar")]
 _DYNAMIC_EVERYWHERE = {"dynamic_blocks": "all", "dynamic_head": True, "dynamic_classifier": True}
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: threads only add contention on the shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# tiny models: one intra-op thread (the shared conftest fixture)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny(name: str, kind: str, **kwargs) -> ConvNet:

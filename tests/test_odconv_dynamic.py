@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import condconv.functional as functional
 from condconv import DynamicConv2d, ODConv2d, OmniRouter, set_temperature
 from condconv.reference import reference_dynamic_conv2d, reference_odconv2d
 from condconv.routing import Attentions
@@ -18,16 +17,8 @@ pytestmark = [
 ]
 
 F64 = torch.float64
-PATHS = ("grouped", "experts", "bmm", "bmm-unfused", "single", "auto")
 
 
-@pytest.fixture(params=PATHS)
-def strategy(request, monkeypatch):
-    """Every strategy (and execution path); 'single' must be given a batch of one."""
-    if request.param == "bmm-unfused":
-        monkeypatch.setattr(functional, "FUSED_CPU", False)
-        return "bmm"
-    return request.param
 
 
 def _conv_kwargs(layer) -> dict:

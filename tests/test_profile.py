@@ -16,13 +16,8 @@ from condconv.profile import CATEGORIES, PAPER_FIGURES, count_macs
 
 _ROUTER_TYPES = {"SigmoidRouter", "SoftmaxRouter", "OmniRouter"}
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# tiny models: one intra-op thread (the shared conftest fixture)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _categories(report) -> dict[str, tuple[int, int]]:
