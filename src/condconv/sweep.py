@@ -40,6 +40,7 @@ from condconv.train import (
     _Dist,
     _init_distributed,
     _model_args,
+    add_checkpoint_data_arguments,
     add_training_options,
     build_model,
     config_from_args,
@@ -607,14 +608,9 @@ def run_sweep(args: argparse.Namespace) -> int:
 
 def add_routing_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``condconv routing``."""
-    parser.add_argument("checkpoint", help="run folder, checkpoint folder or model.safetensors")
-    parser.add_argument("--dataset", "-d", default=None, help="dataset (default: the checkpoint's)")
-    parser.add_argument("--data-dir", default=None, help="CIFAR folder or ImageFolder root (default: the checkpoint's)")
-    parser.add_argument("--split", default="test", help="train | test (default: test)")
-    parser.add_argument("--batch-size", "-b", type=int, default=256, help="batch size (default: 256)")
+    add_checkpoint_data_arguments(parser)
     parser.add_argument("--max-images", type=int, default=None, help="stop after N images (default: all)")
     parser.add_argument("--max-classes", type=int, default=10, help="classes drawn in the PNG (default: 10)")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default: auto)")
     parser.add_argument("--workers", type=int, default=4, help="DataLoader workers (ImageFolder; default: 4)")
     parser.add_argument("--out", "-o", default=None, help="output folder (default: <checkpoint folder>/routing)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar")

@@ -54,12 +54,14 @@ from torch import nn
 
 from condconv._checks import parse_kwargs
 from condconv.data import ArrayImageDataset, EpochLoader, build_dataset
+from condconv.layers import CONV_KINDS
 
 __all__ = [
     "CONV_KINDS",
     "NonFiniteLossError",
     "TrainConfig",
     "TrainResult",
+    "add_checkpoint_data_arguments",
     "add_eval_arguments",
     "add_train_arguments",
     "build_model",
@@ -77,7 +79,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-CONV_KINDS = ("static", "condconv", "dynamic", "odconv")
 CHECKPOINT_FORMAT = 1
 _CONFIG_METADATA_KEY = "condconv_config"
 
@@ -1548,14 +1549,19 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``condconv eval``."""
+def add_checkpoint_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options ``condconv eval`` and ``condconv routing`` share: a checkpoint, the data to run it on, device."""
     parser.add_argument("checkpoint", help="run folder, checkpoint folder or model.safetensors")
     parser.add_argument("--dataset", "-d", default=None, help="dataset (default: the checkpoint's)")
     parser.add_argument("--data-dir", default=None, help="CIFAR folder or ImageFolder root (default: the checkpoint's)")
     parser.add_argument("--split", default="test", help="train | test (default: test)")
     parser.add_argument("--batch-size", "-b", type=int, default=256, help="batch size (default: 256)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default: auto)")
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``condconv eval``."""
+    add_checkpoint_data_arguments(parser)
     parser.add_argument(
         "--amp", default="none", choices=("none", "bf16", "fp16", "auto"), help="mixed precision (default: none)"
     )
