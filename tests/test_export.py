@@ -12,8 +12,8 @@ from torch import nn
 import condconv
 from condconv.cli import main as cli_main
 from condconv.export import export_model, load_exported, verify_export
-from condconv.functional import _is_tracing
 from condconv.models import create_model
+from condconv.ops.context import is_tracing as _is_tracing
 
 KINDS = ["condconv", "dynamic", "odconv"]
 SIZE = (3, 12, 12)

@@ -12,6 +12,7 @@ from torch import nn
 
 import condconv
 import condconv.functional as functional
+import condconv.ops.cpu_tiled as cpu_tiled
 from condconv import STRATEGIES, dynamic_conv2d, mix_kernels, select_strategy, set_default_strategy, use_strategy
 from condconv.functional import get_default_strategy
 from condconv.reference import reference_dynamic_conv2d
@@ -189,7 +190,7 @@ CHUNK_CASE = {"kernel": 3, "stride": 2, "padding": 1, "padding_mode": "reflect",
 @pytest.mark.parametrize("spatial", [False, True])
 def test_batch_chunking_matches_reference(monkeypatch, multi_strategy, spatial):
     """Per-example-kernel strategies split big batches into chunks: force chunks of one example."""
-    monkeypatch.setattr(functional, "_CHUNK_BYTES", 1)
+    monkeypatch.setattr(cpu_tiled, "CHUNK_BYTES", 1)
     x, weight, routing, bias, sp, kw = make_case({**CHUNK_CASE, "spatial": spatial})
     out = dynamic_conv2d(x, weight, routing, bias, spatial=sp, strategy=multi_strategy, **kw)
     ref_leaves = _leaves((x, weight, routing, bias, sp))
@@ -395,7 +396,7 @@ def test_gradcheck(strategy, case):
 
 @pytest.mark.parametrize("strategy_name", ["grouped", "bmm"])
 def test_gradcheck_chunked(monkeypatch, strategy_name):
-    monkeypatch.setattr(functional, "_CHUNK_BYTES", 1)
+    monkeypatch.setattr(cpu_tiled, "CHUNK_BYTES", 1)
     fn, inputs = _gradcheck_case(GRAD_CASES["3x3-grouped-reflect-s2"], strategy_name, 3)
     assert torch.autograd.gradcheck(fn, inputs)
 
@@ -668,7 +669,7 @@ def test_routing_in_another_dtype_is_cast_to_the_experts_dtype(name):
 def test_fused_tiles_over_batch_and_output_channels(monkeypatch, chunk_bytes, kernel, groups, spatial):
     """Tiny workspaces force the fused CPU path to tile over batch chunks and output-channel tiles: forward and
     every gradient must still equal the reference."""
-    monkeypatch.setattr(functional, "_CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(cpu_tiled, "CHUNK_BYTES", chunk_bytes)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(5, 6, 6, 5, dtype=F64, generator=gen, requires_grad=True)
     weight = torch.randn(3, 70, 6 // groups, kernel, kernel, dtype=F64, generator=gen, requires_grad=True)

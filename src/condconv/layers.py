@@ -29,9 +29,8 @@ from condconv.functional import (
 )
 from condconv.routing import OmniRouter, SigmoidRouter, SoftmaxRouter, _check_dropout, _check_temperature
 
-__all__ = ["CondConv2d", "DynamicConv2d", "ODConv2d", "make_conv2d", "DynamicConvBase", "CONV_KINDS"]
-
-CONV_KINDS = ("static", "condconv", "dynamic", "odconv")
+__all__ = ["CondConv2d", "DynamicConv2d", "ODConv2d", "make_conv2d", "DynamicConvBase", "LAYERS", "CONV_KINDS",
+           "DYNAMIC_KINDS"]
 
 
 class DynamicConvBase(nn.Module):
@@ -330,7 +329,12 @@ class ODConv2d(DynamicConvBase):
         return layer
 
 
-_LAYERS = {"condconv": CondConv2d, "dynamic": DynamicConv2d, "odconv": ODConv2d}
+#: The dynamic convolution kinds and their layer classes: the one table that ``make_conv2d``, ``convert``, the MAC
+#: counter, the benchmarks and the command line derive their choices from.
+LAYERS: dict[str, type[DynamicConvBase]] = {"condconv": CondConv2d, "dynamic": DynamicConv2d, "odconv": ODConv2d}
+DYNAMIC_KINDS = tuple(LAYERS)
+#: ``conv=`` values of the model zoo: a plain ``nn.Conv2d`` or one of :data:`LAYERS`.
+CONV_KINDS = ("static", *DYNAMIC_KINDS)
 
 
 def make_conv2d(conv: str, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
@@ -346,9 +350,9 @@ def make_conv2d(conv: str, in_channels: int, out_channels: int, kernel_size, str
         layer_kwargs = {k: v for k, v in layer_kwargs.items() if k in ("padding_mode", "device", "dtype")}
         return nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                          **layer_kwargs)
-    if conv not in _LAYERS:
+    if conv not in LAYERS:
         raise ValueError(f"conv must be one of {CONV_KINDS}, got {conv!r}")
     if num_experts is not None:
         layer_kwargs["num_experts"] = num_experts
-    return _LAYERS[conv](in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+    return LAYERS[conv](in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                          **layer_kwargs)

@@ -44,7 +44,7 @@ from condconv._checks import parse_kwargs
 from condconv.layers import DynamicConvBase
 from condconv.models import create_model
 from condconv.models.blocks import SqueezeExcite
-from condconv.routing import OmniRouter, SigmoidRouter, SoftmaxRouter
+from condconv.routing import ROUTERS, OmniRouter
 
 __all__ = [
     "CATEGORIES",
@@ -61,7 +61,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 CATEGORIES = ("conv", "routing", "mixing", "other")
-_ROUTERS = (SigmoidRouter, SoftmaxRouter, OmniRouter)
 _AVG_POOLS = (nn.AdaptiveAvgPool2d, nn.AvgPool2d)
 
 
@@ -159,7 +158,7 @@ def _categorise(model: nn.Module) -> dict[int, str]:
     for module in model.modules():
         if isinstance(module, (DynamicConvBase, nn.Conv2d, nn.Linear)):
             category.setdefault(id(module), "conv")
-        if isinstance(module, _ROUTERS):
+        if isinstance(module, ROUTERS):
             for inner in module.modules():
                 category[id(inner)] = "routing"
     return category
@@ -191,7 +190,7 @@ def count_macs(model: nn.Module, input_size: Sequence[int] = (3, 224, 224)) -> M
             counted = {category[id(module)]: _conv_macs(module, output)}
         elif isinstance(module, nn.Linear):
             counted = {category[id(module)]: output.numel() * module.in_features}
-        elif isinstance(module, _ROUTERS):
+        elif isinstance(module, ROUTERS):
             counted = {"routing": inputs[0][0].numel()}  # its global average pooling
         elif isinstance(module, _AVG_POOLS):
             counted = {category.get(id(module), "other"): _pool_macs(module, inputs[0], output)}

@@ -29,6 +29,7 @@ __all__ = [
     "Attentions",
     "set_temperature",
     "TemperatureSchedule",
+    "ROUTERS",
 ]
 
 
@@ -218,6 +219,10 @@ class OmniRouter(nn.Module):
         """Output scale of the zeroed router relative to one expert kernel: ``0.5`` per sigmoid head."""
         sigmoid_heads = sum(h is not None for h in (self.spatial, self.in_channel, self.out_channel))
         return 0.5**sigmoid_heads
+
+
+#: Every router class of the package (the MAC counter, the model initialiser and the routing analysis use it).
+ROUTERS = (SigmoidRouter, SoftmaxRouter, OmniRouter)
 
 
 def set_temperature(model: nn.Module, temperature: float) -> int:

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from condconv._checks import positive_int, probability
 from condconv.layers import CONV_KINDS, CondConv2d, DynamicConvBase, make_conv2d
-from condconv.routing import OmniRouter, SigmoidRouter, SoftmaxRouter
+from condconv.routing import ROUTERS, SigmoidRouter
 
 __all__ = [
     "ConvSpec",
@@ -43,7 +43,6 @@ __all__ = [
 ]
 
 ActLayer = Callable[[], nn.Module]
-_ROUTERS = (SigmoidRouter, SoftmaxRouter, OmniRouter)
 
 
 def make_divisible(value: float, divisor: int = 8) -> int:
@@ -432,7 +431,7 @@ def _init_weights(model: nn.Module) -> None:
     """
     own = set()
     for module in model.modules():
-        if isinstance(module, (DynamicConvBase, *_ROUTERS)):
+        if isinstance(module, (DynamicConvBase, *ROUTERS)):
             own.update(id(m) for m in module.modules())
     for module in model.modules():
         if id(module) in own:

@@ -1,0 +1,36 @@
+"""What the engine needs to know about the calling context: tracing, autocast, autograd."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["is_tracing", "autocast_on", "needs_grad"]
+
+
+def is_tracing() -> bool:
+    """True while the call is being traced for export or compilation (where per-example kernels hurt)."""
+    if torch.jit.is_tracing() or torch.jit.is_scripting():
+        return True
+    if torch.onnx.is_in_onnx_export():
+        return True
+    compiler = getattr(torch, "compiler", None)
+    if compiler is not None:
+        if getattr(compiler, "is_exporting", lambda: False)():
+            return True
+        if getattr(compiler, "is_compiling", lambda: False)():
+            return True
+    return False
+
+
+def needs_grad(*tensors: Tensor | None) -> bool:
+    """Whether autograd will record an operation on ``tensors``."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def autocast_on(device_type: str) -> bool:
+    """Whether autocast is enabled for ``device_type``."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 takes no argument
+        return torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
