@@ -26,11 +26,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--budget", type=float, default=1.5)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--seed-loop", action="store_true", help="also time the seed's per-example ODConv loop")
+    p.add_argument("--reference-loop", action="store_true",
+                   help="also time the per-example loop of the ODConv reference code")
     p.add_argument("--out", default="benchmarks/results/cpu")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    rows = bench_layers(BENCH_SHAPES, args.experts, args.batch, args.modes, seed_loop=args.seed_loop,
+    rows = bench_layers(BENCH_SHAPES, args.experts, args.batch, args.modes, reference_loop=args.reference_loop,
                         min_rounds=args.rounds, budget_s=args.budget, device=args.device)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     write_csv(rows, args.out + ".csv")

@@ -5,7 +5,7 @@ arXiv:1904.04971).
 
 Steps (all on the embedded UCI digits, so nothing is downloaded; about a minute on an idle 2-core CPU):
 
-1. train a small static ResNet-18 (the "pretrained" model) with ``condconv.train.train_model``;
+1. train a small static ResNet-18 (the "pretrained" model) with ``condconv.train_model``;
 2. ``condconv.convert`` its last third of convolutions to 4-expert CondConv layers — the accuracy is unchanged,
    since conversion preserves the function — with a small expert perturbation so the experts can specialise;
 3. fine-tune the converted model for a few epochs with a plain PyTorch loop;
@@ -33,8 +33,9 @@ import torch
 import torch.nn.functional as F
 
 import condconv
+from condconv import TrainConfig, load_checkpoint, train_model
 from condconv.data import EpochLoader, build_dataset
-from condconv.train import TrainConfig, evaluate, load_checkpoint, train_model
+from condconv.evaluate import evaluate
 
 
 def fine_tune(model: torch.nn.Module, loader: EpochLoader, epochs: int, lr: float) -> None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import condconv
-from condconv.bench import folded_baseline, format_table, geomean, seed_loop_odconv
+from condconv.bench import folded_baseline, format_table, geomean, odconv_reference_loop
 from condconv.cli import main
 
 
@@ -20,23 +20,23 @@ def test_folded_baseline_equals_condconv():
 
 
 @pytest.mark.parametrize("groups,out", [(1, 16), (2, 16), (8, 8)])
-def test_seed_loop_equals_odconv(groups, out):
+def test_reference_loop_equals_odconv(groups, out):
     torch.manual_seed(0)
     layer = condconv.ODConv2d(8, out, 3, padding=1, groups=groups, num_experts=3, bias=False)
     x = torch.randn(3, 8, 6, 6)
-    torch.testing.assert_close(seed_loop_odconv(layer, x), layer(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(odconv_reference_loop(layer, x), layer(x), rtol=1e-5, atol=1e-5)
 
 
 def test_bench_cli_writes_csv_and_tables(tmp_path, capsys):
     out = tmp_path / "bench.csv"
     code = main(["bench", "layers", "--shapes", "2", "--experts", "2", "--batch", "2", "--modes", "forward", "train",
-                 "--rounds", "1", "--budget", "0", "--threads", "1", "--seed-loop", "--csv", str(out)])
+                 "--rounds", "1", "--budget", "0", "--threads", "1", "--reference-loop", "--csv", str(out)])
     assert code == 0
     rows = list(csv.DictReader(out.open()))
     names = {(r["kind"], r["strategy"], r["mode"]) for r in rows}
     for mode in ("forward", "train"):
         for expected in [("static", "static"), ("condconv", "grouped"), ("condconv", "bmm"), ("condconv", "auto"),
-                         ("dynamic", "auto"), ("odconv", "auto"), ("odconv", "seed-loop"),
+                         ("dynamic", "auto"), ("odconv", "auto"), ("odconv", "reference-loop"),
                          ("folded-baseline", "folded-baseline")]:
             assert (*expected, mode) in names
     assert all(float(r["median_ms"]) > 0 for r in rows)

@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 import condconv
+from condconv.checkpoint import load_checkpoint
 from condconv.cli import main as cli_main
-from condconv.convert import apply_conversion, list_convs, load_checkpoint, select_convs
+from condconv.convert import apply_conversion, list_convs, select_convs
 from condconv.models import create_model
 
 KINDS = ["condconv", "dynamic", "odconv"]

@@ -13,11 +13,11 @@ from condconv.data import (
     ArrayImageDataset,
     EpochLoader,
     ImageFolderDataset,
-    _digits_split,
     build_dataset,
     load_cifar,
     restricted_pickle_load,
 )
+from condconv.data.digits import digits_split as _digits_split
 
 # ------------------------------------------------------------------------------------------------ digits
 

@@ -175,7 +175,7 @@ def test_cli_export(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "any batch" in text and "batch 8: max |diff|" in text and out.is_file()
     assert cli_main(["export", str(tmp_path / "nothing"), "--format", "onnx"]) == 2
-    assert "unknown model" in capsys.readouterr().err
+    assert "checkpoint not found" in capsys.readouterr().err
 
 
 def test_cli_export_converted_checkpoint(tmp_path, capsys):

@@ -18,20 +18,16 @@ from safetensors.torch import load_file
 from torch import nn
 
 import condconv
-import condconv.train as train_mod
+import condconv.checkpoint as checkpoint_mod
+from condconv.checkpoint import latest_checkpoint, load_checkpoint, save_weights
+from condconv.checkpoint import read_state as _read_state
+from condconv.checkpoint import write_checkpoint as _write_checkpoint
 from condconv.cli import build_parser, main
-from condconv.train import (
-    NonFiniteLossError,
-    TrainConfig,
-    _lr_factor,
-    _read_state,
-    _write_checkpoint,
-    config_from_args,
-    latest_checkpoint,
-    load_checkpoint,
-    save_weights,
-    train_model,
-)
+from condconv.commands.options import config_from_args
+from condconv.config import TrainConfig
+from condconv.evaluate import evaluate_checkpoint
+from condconv.optim import WarmupCosine
+from condconv.train import NonFiniteLossError, train_model
 
 SRC = str(Path(condconv.__file__).resolve().parents[1])
 # a 0.2M-parameter MobileNetV1 (CondConv, 2 experts in the last 7 blocks and the classifier) on 64 digits
@@ -43,8 +39,27 @@ def _env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = SRC + os.pathsep + env.get("PYTHONPATH", "")
     env["OMP_NUM_THREADS"] = "1"
-    env.pop("CONDCONV_TEST_KILL_AT_STEP", None)
     return env
+
+
+# `condconv train ARGS` in a process that SIGKILLs itself right after global step argv[1] (a preempted job)
+_KILLED_AT = """
+import os, signal, sys
+from condconv.cli import build_parser
+from condconv.commands.options import config_from_args
+from condconv.train import train_model
+
+config, explicit = config_from_args(build_parser().parse_args(sys.argv[2:]))
+kill_at = int(sys.argv[1])
+
+
+def on_step(progress):
+    if progress.global_step == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+train_model(config, explicit=explicit, on_step=on_step)
+"""
 
 
 def _csv_rows(path: Path) -> list[dict[str, str]]:
@@ -118,7 +133,8 @@ def test_config_file_and_flags(tmp_path):
 
 
 def test_lr_schedule_warmup_then_cosine():
-    f = [_lr_factor(s, warmup=4, total=20, peak=0.1, floor=0.001) for s in range(21)]
+    schedule = WarmupCosine(warmup=4, total=20, peak=0.1, floor=0.001)
+    f = [schedule(s) for s in range(21)]
     assert f[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
     assert all(a >= b for a, b in zip(f[3:], f[4:]))
     assert f[20] == pytest.approx(0.01)
@@ -155,8 +171,8 @@ class _NaNAfter(nn.Module):
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys):
-    real = train_mod.build_model
-    monkeypatch.setattr(train_mod, "build_model", lambda name, args: _NaNAfter(real(name, args), k=3))
+    real = checkpoint_mod.build_model
+    monkeypatch.setattr(checkpoint_mod, "build_model", lambda name, args: _NaNAfter(real(name, args), k=3))
     out = tmp_path / "nan"
     cfg = TrainConfig(width=0.25, experts=2, train_size=32, batch_size=16, epochs=3, eval_every=0, progress=False,
                       out=str(out))  # fmt: skip
@@ -182,7 +198,7 @@ def test_corrupt_and_mismatched_checkpoints_name_the_file(trained_run, tmp_path,
     assert "width" in capsys.readouterr().err
     # weights of another model under this model's config
     _, cfg = load_checkpoint(run)
-    other = train_mod.build_model(cfg["model"], {**cfg["model_args"], "width_mult": 0.5})
+    other = checkpoint_mod.build_model(cfg["model"], {**cfg["model_args"], "width_mult": 0.5})
     save_weights(other, tmp_path / "other.safetensors", cfg)
     with pytest.raises(ValueError, match=r"other\.safetensors.*does not match"):
         load_checkpoint(tmp_path / "other.safetensors")
@@ -211,7 +227,7 @@ def test_checkpoint_write_is_atomic(trained_run, tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise OSError("simulated crash")
 
-    monkeypatch.setattr(train_mod.os, "replace", crash)
+    monkeypatch.setattr(checkpoint_mod.os, "replace", crash)
     with pytest.raises(OSError, match="simulated"):
         _write_checkpoint(run, model, state, cfg, keep=1)
     monkeypatch.undo()
@@ -222,13 +238,13 @@ def test_checkpoint_write_is_atomic(trained_run, tmp_path, monkeypatch):
 
 
 def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path):
-    args = [sys.executable, "-m", "condconv.cli", "train", *TINY, "--epochs", "2", "--checkpoint-every", "3",
-            "--dropout", "0.2", "--mixup", "0.2"]  # fmt: skip
+    train = ["train", *TINY, "--epochs", "2", "--checkpoint-every", "3", "--dropout", "0.2", "--mixup", "0.2"]
+    args = [sys.executable, "-m", "condconv.cli", *train]
     full, killed = tmp_path / "full", tmp_path / "killed"
     subprocess.run([*args, "--out", str(full)], env=_env(), check=True, capture_output=True)
-    env = _env()
-    env["CONDCONV_TEST_KILL_AT_STEP"] = "7"  # 4 steps per epoch: dies at epoch 2, step 3
-    proc = subprocess.run([*args, "--out", str(killed)], env=env, capture_output=True)
+    # 4 steps per epoch: dies at epoch 2, step 3
+    proc = subprocess.run([sys.executable, "-c", _KILLED_AT, "7", *train, "--out", str(killed)], env=_env(),
+                          capture_output=True)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
     ck = latest_checkpoint(killed)
     assert ck.name == "step-00000006" and not (killed / "model.safetensors").exists()
@@ -261,7 +277,7 @@ def test_ddp_two_gloo_processes_match_one_process_at_the_combined_batch(tmp_path
     a, b = load_file(ddp / "model.safetensors"), load_file(single / "model.safetensors")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
-    init = train_mod.build_model("mobilenet_v1_cifar", load_checkpoint(single)[1]["model_args"]).state_dict()
+    init = checkpoint_mod.build_model("mobilenet_v1_cifar", load_checkpoint(single)[1]["model_args"]).state_dict()
     changed = sum(not torch.allclose(init[k].float(), a[k].float()) for k in a if a[k].is_floating_point())
     assert changed > 10  # the runs did train
     records = [json.loads(line) for line in (ddp / "log.jsonl").read_text().splitlines()]
@@ -291,7 +307,7 @@ def test_train_and_eval_on_an_imagefolder_tree_with_workers(tmp_path):
     assert [r["step"] for r in rows] == ["6", "12"] and all(r["test_top1"] for r in rows)
     _, cfg = load_checkpoint(out)
     assert cfg["classes"] == ["a", "b", "c"] and cfg["model_args"]["in_chans"] == 3 and cfg["image_size"] == 32
-    res = train_mod.evaluate_checkpoint(out, workers=0)
+    res = evaluate_checkpoint(out, workers=0)
     assert res["images"] == 9 and res["top1"] == pytest.approx(float(rows[-1]["test_top1"]))
 
 
@@ -303,8 +319,8 @@ def test_fine_tune_and_evaluate_a_converted_checkpoint(trained_run, tmp_path):
     assert main(argv) == 0
     model, cfg = load_checkpoint(converted)
     assert cfg["convert"] and sum(isinstance(m, condconv.DynamicConv2d) for m in model.modules()) >= 1
-    before = train_mod.evaluate_checkpoint(converted, workers=0)
-    original = train_mod.evaluate_checkpoint(trained_run, workers=0)
+    before = evaluate_checkpoint(converted, workers=0)
+    original = evaluate_checkpoint(trained_run, workers=0)
     assert before["top1"] == pytest.approx(original["top1"], abs=0.5)  # conversion preserves the function
     out = tmp_path / "tuned"
     assert main(["train", "--init", str(converted), "--train-size", "32", "--batch-size", "16", "--epochs", "1",

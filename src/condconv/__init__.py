@@ -23,7 +23,7 @@ from condconv.routing import (
     set_temperature,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "STRATEGIES",
@@ -44,18 +44,20 @@ __all__ = [
     "use_strategy",
     "__version__",
 ]
-# -- names added by the model zoo, counter, data/training and deployment modules go below this line --
+# the model zoo, the counter and the library services
+from condconv.analysis import routing_statistics  # noqa: E402
+from condconv.checkpoint import load_checkpoint  # noqa: E402
+from condconv.config import TrainConfig  # noqa: E402
+from condconv.convert import convert, list_convs, select_convs  # noqa: E402
+from condconv.data import EpochLoader, build_dataset  # noqa: E402
+from condconv.evaluate import evaluate_checkpoint  # noqa: E402
+from condconv.export import export_model, load_exported, verify_export  # noqa: E402
 from condconv.models import create_model, list_models, register_model  # noqa: E402
 from condconv.profile import count_macs  # noqa: E402
+from condconv.sweep import sweep_grid  # noqa: E402
+from condconv.train import TrainResult, train_model  # noqa: E402
 
-__all__ += ["create_model", "list_models", "register_model", "count_macs"]
-from condconv.convert import convert, list_convs, select_convs  # noqa: E402
-from condconv.export import export_model, load_exported, verify_export  # noqa: E402
-
-__all__ += ["convert", "list_convs", "select_convs", "export_model", "load_exported", "verify_export"]
-from condconv.data import EpochLoader, build_dataset  # noqa: E402
-from condconv.sweep import routing_statistics, sweep_grid  # noqa: E402
-from condconv.train import TrainConfig, TrainResult, evaluate_checkpoint, load_checkpoint, train_model  # noqa: E402
-
-__all__ += ["EpochLoader", "build_dataset", "TrainConfig", "TrainResult", "evaluate_checkpoint", "load_checkpoint",
-            "train_model", "routing_statistics", "sweep_grid"]  # fmt: skip
+__all__ += ["create_model", "list_models", "register_model", "count_macs", "convert", "list_convs", "select_convs",
+            "load_checkpoint", "TrainConfig", "EpochLoader", "build_dataset", "evaluate_checkpoint",
+            "routing_statistics", "TrainResult", "train_model", "sweep_grid", "export_model", "load_exported",
+            "verify_export"]  # fmt: skip

@@ -4,7 +4,21 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-__all__ = ["positive_int", "positive_number", "probability", "parse_kwargs"]
+__all__ = ["OptionError", "positive_int", "positive_number", "probability", "parse_kwargs"]
+
+
+class OptionError(ValueError):
+    """An invalid value of a named option (``option``); the command line reports it under its flag.
+
+    Args:
+        option: the option's name (a field or argument name, e.g. ``'weight_decay'``).
+        message: the whole message, which starts with the option's name (``'lr must be ..., got -1'``).
+    """
+
+    def __init__(self, option: str, message: str) -> None:
+        super().__init__(message)
+        self.option = option
+        self.detail = message[len(option):] if message.startswith(option) else f": {message}"
 
 
 def positive_int(value: object, name: str) -> int:

@@ -7,7 +7,6 @@ by the static convolution's median from the same rounds. ``condconv bench layers
 
 from __future__ import annotations
 
-import argparse
 import csv
 import logging
 import math
@@ -20,11 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from condconv._deprecated import forwarder
+from condconv.fileio import atomic_output
 from condconv.functional import select_strategy
-from condconv.layers import CondConv2d, DynamicConv2d, ODConv2d
+from condconv.layers import LAYERS, CondConv2d, ODConv2d
 
-__all__ = ["LayerShape", "BENCH_SHAPES", "BenchRow", "bench_layers", "seed_loop_odconv", "folded_baseline",
-           "add_bench_arguments", "run_bench"]
+__all__ = ["LayerShape", "BENCH_SHAPES", "BenchRow", "bench_layers", "odconv_reference_loop", "folded_baseline",
+           "format_table", "geomean", "write_csv"]
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +71,10 @@ class BenchRow:
     rounds: int
 
 
-def seed_loop_odconv(layer: ODConv2d, x: Tensor) -> Tensor:
-    """ODConv as the seed document formulates it: a Python loop over the batch, the full 4-way attention product
-    multiplied into a kernel per example, then one convolution per example. For benchmarking only."""
+def odconv_reference_loop(layer: ODConv2d, x: Tensor) -> Tensor:
+    """ODConv as the per-example loop of the ODConv reference code computes it: a Python loop over the batch, the
+    full four-way attention product multiplied into a kernel per example, then one convolution per example. For
+    benchmarking only."""
     outs = []
     for b in range(x.shape[0]):
         xb = x[b:b + 1]
@@ -94,8 +96,8 @@ def seed_loop_odconv(layer: ODConv2d, x: Tensor) -> Tensor:
 
 
 def folded_baseline(layer: CondConv2d, x: Tensor) -> Tensor:
-    """The usual batch-folded CondConv (the paper's and seed's method, as most implementations write it): mix every
-    example's kernel into a fresh tensor, fold the batch into channels, one grouped convolution. For comparison."""
+    """The usual batch-folded CondConv (the paper's method, as most implementations write it): mix every example's
+    kernel into a fresh tensor, fold the batch into channels, one grouped convolution. For comparison."""
     batch, channels, height, width = x.shape
     kernels = torch.matmul(layer.router(x), layer.weight.reshape(layer.num_experts, -1))
     out = F.conv2d(x.reshape(1, batch * channels, height, width),
@@ -146,10 +148,11 @@ def bench_layers(shapes: Iterable[LayerShape] = BENCH_SHAPES, experts: Iterable[
                  batches: Iterable[int] = (1, 8, 32, 128), modes: Iterable[str] = ("forward", "train"),
                  kinds: Iterable[str] = ("condconv", "dynamic", "odconv"),
                  strategies: Iterable[str] = STRATEGY_CANDIDATES,
-                 seed_loop: bool = False, min_rounds: int = 5, max_rounds: int = 50, budget_s: float = 2.0,
+                 reference_loop: bool = False, min_rounds: int = 5, max_rounds: int = 50, budget_s: float = 2.0,
                  device: str = "cpu", dtype: torch.dtype = torch.float32, progress: bool = True) -> list[BenchRow]:
     """Time every (shape, experts, batch, mode): a static conv, CondConv2d per strategy, the other kinds on
-    ``auto``, and optionally the seed's per-example ODConv loop. Returns one :class:`BenchRow` per candidate."""
+    ``auto``, and optionally the per-example loop of the ODConv reference code. Returns one :class:`BenchRow` per
+    candidate."""
     from tqdm.auto import tqdm
 
     shapes, experts, batches, modes = list(shapes), list(experts), list(batches), list(modes)
@@ -169,7 +172,7 @@ def bench_layers(shapes: Iterable[LayerShape] = BENCH_SHAPES, experts: Iterable[
         candidates: dict[str, Callable[[], object]] = {"static": _step(static, x, mode)}
         layers: dict[str, nn.Module] = {}
         for kind in kinds:
-            cls = {"condconv": CondConv2d, "dynamic": DynamicConv2d, "odconv": ODConv2d}[kind]
+            cls = LAYERS[kind]
             layer = cls(*args, num_experts=num_experts).to(device, dtype)
             layers[kind] = layer
             for strategy in (strategies if kind == "condconv" else ["auto"]):
@@ -183,8 +186,8 @@ def bench_layers(shapes: Iterable[LayerShape] = BENCH_SHAPES, experts: Iterable[
                 candidates[f"{kind}:{strategy}"] = _step(layer, x, mode, call)
         if "condconv" in layers:
             candidates["folded-baseline"] = _step(layers["condconv"], x, mode, folded_baseline)
-        if seed_loop and "odconv" in layers:
-            candidates["odconv:seed-loop"] = _step(layers["odconv"], x, mode, seed_loop_odconv)
+        if reference_loop and "odconv" in layers:
+            candidates["odconv:reference-loop"] = _step(layers["odconv"], x, mode, odconv_reference_loop)
         timed = {name: (lambda fn=fn: (fn(), sync())) for name, fn in candidates.items()}
         medians, rounds = _round_robin(timed, min_rounds, max_rounds, budget_s)
         base = medians["static"]
@@ -201,7 +204,8 @@ def bench_layers(shapes: Iterable[LayerShape] = BENCH_SHAPES, experts: Iterable[
 
 
 def write_csv(rows: list[BenchRow], path: str) -> None:
-    with open(path, "w", newline="") as fh:
+    """The rows as CSV (written atomically)."""
+    with atomic_output(path) as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(asdict(rows[0]).keys()) if rows else ["shape"])
         writer.writeheader()
         for row in rows:
@@ -245,47 +249,6 @@ def format_table(rows: list[BenchRow], num_experts: int, batch: int, mode: str) 
     return "\n".join(lines)
 
 
-def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("target", nargs="?", default="layers", choices=["layers"],
-                        help="what to benchmark (default: layers)")
-    parser.add_argument("--experts", type=int, nargs="+", default=[4, 8], help="expert counts (default: 4 8)")
-    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32, 128], help="batch sizes")
-    parser.add_argument("--modes", nargs="+", default=["forward", "train"], choices=["forward", "train"])
-    parser.add_argument("--shapes", nargs="+", default=None, metavar="INDEX",
-                        help="subset of shapes by index: " + ", ".join(f"{i}={s.name}" for i, s in
-                                                                        enumerate(BENCH_SHAPES)))
-    parser.add_argument("--kinds", nargs="+", default=["condconv", "dynamic", "odconv"],
-                        choices=["condconv", "dynamic", "odconv"])
-    parser.add_argument("--strategies", nargs="+", default=list(STRATEGY_CANDIDATES), choices=STRATEGY_CANDIDATES,
-                        help="CondConv2d strategies to time (other kinds run 'auto')")
-    parser.add_argument("--seed-loop", action="store_true",
-                        help="also time the seed document's per-example ODConv loop")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: unchanged)")
-    parser.add_argument("--rounds", type=int, default=5, help="minimum timing rounds per configuration")
-    parser.add_argument("--budget", type=float, default=2.0, help="seconds of rounds per configuration, at least")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--csv", default="bench_layers.csv", help="output CSV (default: bench_layers.csv)")
-
-
-def run_bench(args: argparse.Namespace) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    shapes = BENCH_SHAPES
-    if args.shapes:
-        try:
-            shapes = tuple(BENCH_SHAPES[int(i)] for i in args.shapes)
-        except (ValueError, IndexError) as exc:
-            raise ValueError(f"--shapes takes indices 0..{len(BENCH_SHAPES) - 1}, got {args.shapes}") from exc
-    rows = bench_layers(shapes, args.experts, args.batch, args.modes, args.kinds, args.strategies,
-                        seed_loop=args.seed_loop, min_rounds=args.rounds, budget_s=args.budget, device=args.device,
-                        dtype=getattr(torch, args.dtype))
-    write_csv(rows, args.csv)
-    print(f"threads={torch.get_num_threads()} device={args.device} dtype={args.dtype}; ratio = median time / "
-          f"median time of a static nn.Conv2d of the same shape in the same rounds; CSV: {args.csv}")
-    for mode in args.modes:
-        for e in args.experts:
-            for b in args.batch:
-                print()
-                print(format_table(rows, e, b, mode))
-    return 0
+__getattr__ = forwarder(__name__, {
+    "seed_loop_odconv": ("condconv.bench.odconv_reference_loop", lambda: odconv_reference_loop),
+})

@@ -1,8 +1,8 @@
-"""The ``condconv`` command line: ``condconv train|eval|sweep|routing|macs|bench|export``.
+"""The ``condconv`` command line: ``condconv train|eval|sweep|routing|macs|bench|export|convert``.
 
-Each subcommand lives in the tool module that implements it; that module provides two functions,
-``add_<name>_arguments(parser)`` and ``run_<name>(args) -> int``. This file only wires them together, so the
-tools never import the CLI (data flows one way: engine <- layers <- models <- tools <- cli).
+Each subcommand is a module of :mod:`condconv.commands` with ``HELP``, ``add_arguments(parser)`` and
+``run(args) -> int``; this file is the table that wires them, and the one place that turns errors into one-line
+messages. Imports run one way: engine <- layers <- models <- library services <- commands <- cli.
 """
 
 from __future__ import annotations
@@ -12,57 +12,82 @@ import importlib
 import logging
 import sys
 
-__all__ = ["main", "build_parser"]
+from condconv import __version__
 
-# (command, module, one-line help)
-_COMMANDS: list[tuple[str, str, str]] = [
-    ("train", "condconv.train", "train a registered model (embedded digits by default, CIFAR, ImageFolder)"),
-    ("eval", "condconv.train", "evaluate a checkpoint: top-1/top-5, loss, per-class accuracy, images/s"),
-    ("sweep", "condconv.sweep", "width x experts grid -> CSV + MACs-vs-accuracy figure"),
-    ("routing", "condconv.sweep", "mean routing weights per class for each dynamic layer -> heatmap PNG"),
-    ("macs", "condconv.profile", "per-image multiply-adds and parameters of registered models"),
-    ("bench", "condconv.bench", "latency of dynamic layers per execution strategy vs a static convolution"),
-    ("export", "condconv.export", "export a model or checkpoint to ONNX / TorchScript / ExportedProgram"),
-    ("convert", "condconv.convert", "convert the Conv2d layers of a registered model or checkpoint"),
-]
+__all__ = ["COMMANDS", "build_parser", "main"]
+
+#: (subcommand, module): every entry must import (a broken command is an error, not a missing subcommand).
+COMMANDS: tuple[tuple[str, str], ...] = (
+    ("train", "condconv.commands.train"),
+    ("eval", "condconv.commands.eval"),
+    ("sweep", "condconv.commands.sweep"),
+    ("routing", "condconv.commands.routing"),
+    ("macs", "condconv.commands.macs"),
+    ("bench", "condconv.commands.bench"),
+    ("export", "condconv.commands.export"),
+    ("convert", "condconv.commands.convert"),
+)
+
+# third-party loggers that are noisy at DEBUG/INFO level: kept at WARNING even with --verbose
+_QUIET_LOGGERS = ("matplotlib", "PIL", "fsspec", "filelock", "urllib3", "asyncio", "onnxscript", "onnx_ir")
+
+
+def _common_options() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    # SUPPRESS: the flag works before and after the subcommand without one overwriting the other
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="debug logging from condconv, and full tracebacks on errors")
+    common.add_argument("--version", action="version", version=f"condconv {__version__}")
+    return common
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The parser of every subcommand.
+
+    Raises:
+        ImportError: a command module cannot be imported (it names the module).
+    """
+    common = _common_options()
     parser = argparse.ArgumentParser(
-        prog="condconv",
+        prog="condconv", parents=[common], allow_abbrev=False,
         description="Conditionally parameterized convolutions: train, evaluate, sweep, count, benchmark, export.",
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    )  # fmt: skip
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, module_name, help_text in _COMMANDS:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:  # a tool module not written yet must not break the others
-            if exc.name != module_name:
-                raise
-            continue
-        add = getattr(module, f"add_{name}_arguments", None)
-        run = getattr(module, f"run_{name}", None)
-        if add is None or run is None:
-            continue
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        add(p)
-        p.set_defaults(_run=run)
+    for name, module_name in COMMANDS:
+        module = importlib.import_module(module_name)
+        command = sub.add_parser(name, help=module.HELP, description=module.HELP, parents=[common],
+                                 allow_abbrev=False)
+        module.add_arguments(command)
+        command.set_defaults(_run=module.run)
     return parser
 
 
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("condconv").setLevel(logging.DEBUG if verbose else logging.INFO)
+    for name in _QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()] or [type(exc).__name__]
+    return lines[0] if len(lines) <= 3 else f"{lines[0]} (run with -v for the full message)"
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
-    )
+    """Run ``condconv`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit code (2 on an error)."""
+    args = build_parser().parse_args(argv)
+    verbose = bool(getattr(args, "verbose", False))
+    _setup_logging(verbose)
     try:
         code = args._run(args)
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as exc:
-        if args.verbose:
+    except KeyboardInterrupt:
+        print(f"condconv {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, OSError, RuntimeError, ImportError) as exc:
+        if verbose:
             raise
-        print(f"condconv {args.command}: error: {exc}", file=sys.stderr)
+        print(f"condconv {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     return int(code or 0)
 

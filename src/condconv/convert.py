@@ -15,46 +15,35 @@ papers' placement in the later layers. ``include`` / ``exclude`` take ``fnmatch`
 (a pattern naming a parent module, e.g. ``'layer4'``, selects every convolution inside it) or predicates
 ``(name, conv) -> bool``.
 
-Command line: ``condconv convert MODEL --conv condconv --experts 4 --include 'layer4.*' --out DIR``.
+Command line: ``condconv convert MODEL --conv condconv --experts 4 --include 'layer4.*' --out DIR``. This module
+depends on the layers only; the checkpoint format (:mod:`condconv.checkpoint`) uses :func:`apply_conversion` to
+rebuild converted models.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import fnmatch
-import json
 import logging
 import math
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from condconv._checks import parse_kwargs
-from condconv.layers import CondConv2d, DynamicConv2d, DynamicConvBase, ODConv2d
+from condconv._deprecated import forwarder
+from condconv.layers import LAYERS, DynamicConvBase
 
 __all__ = [
-    "CONVERT_KINDS",
-    "add_convert_arguments",
     "apply_conversion",
     "conversion_spec",
     "convert",
-    "default_input_size",
     "list_convs",
-    "load_checkpoint",
-    "load_model",
-    "parse_kwargs",
-    "run_convert",
     "select_convs",
 ]
 
 logger = logging.getLogger(__name__)
-
-#: ``conv=`` values accepted by :func:`convert` and the layer class each builds.
-CONVERT_KINDS = {"condconv": CondConv2d, "dynamic": DynamicConv2d, "odconv": ODConv2d}
 
 Selector = str | Callable[[str, nn.Module], bool]
 
@@ -216,13 +205,13 @@ def _layer_class(conv):
     if isinstance(conv, str):
         if conv == "static":
             raise ValueError("conv='static' converts nothing: choose 'condconv', 'dynamic' or 'odconv'")
-        if conv not in CONVERT_KINDS:
-            raise ValueError(f"conv must be one of {tuple(CONVERT_KINDS)} (or a layer class with from_conv), "
+        if conv not in LAYERS:
+            raise ValueError(f"conv must be one of {tuple(LAYERS)} (or a layer class with from_conv), "
                              f"got {conv!r}")
-        return CONVERT_KINDS[conv]
+        return LAYERS[conv]
     if isinstance(conv, type) and callable(getattr(conv, "from_conv", None)):
         return conv
-    raise TypeError(f"conv must be one of {tuple(CONVERT_KINDS)} or a layer class with a from_conv classmethod, "
+    raise TypeError(f"conv must be one of {tuple(LAYERS)} or a layer class with a from_conv classmethod, "
                     f"got {conv!r}")
 
 
@@ -340,7 +329,7 @@ def _replace(model: nn.Module, layer_cls, names: list[str], num_experts: int | N
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# conversion specs: how a converted checkpoint is rebuilt
+# conversion records: how a converted checkpoint is rebuilt
 # ----------------------------------------------------------------------------------------------------------------
 def conversion_spec(conv: str, num_experts: int | None, layers: Sequence[str], **layer_kwargs) -> dict:
     """The JSON-able record of one conversion, stored in a checkpoint's config under ``'convert'`` (a list)."""
@@ -374,166 +363,13 @@ def apply_conversion(model: nn.Module, specs) -> nn.Module:
     return model
 
 
-def load_checkpoint(path, *, map_location="cpu") -> tuple[nn.Module, dict]:
-    """Rebuild a model from a ``condconv train`` or ``condconv convert`` checkpoint: ``(model in eval mode, config)``.
+def _public(name: str):
+    import condconv  # the package's public API (the checkpoint format sits above this module)
 
-    Same as :func:`condconv.train.load_checkpoint`, plus the conversions recorded under ``config['convert']``.
-    """
-    from condconv import train
-
-    weights = train._resolve_checkpoint_path(path)
-    tensors, metadata = train._read_weights(weights)
-    config = train._config_from_metadata(weights, metadata)
-    model = train.build_model(config["model"], config["model_args"])
-    apply_conversion(model, config.get("convert"))
-    train._load_state_dict(model, tensors, weights)
-    model.eval()
-    return model.to(map_location), config
+    return getattr(condconv, name)
 
 
-def _read_state_dict(path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path}")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # safetensors/pickle raise many types for bad files
-        raise ValueError(f"cannot read weights file {path}: {exc}") from exc
-    for key in ("state_dict", "model", "model_state_dict"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"weights file {path} does not hold a state_dict of tensors")
-    return state
-
-
-def load_model(source: str, model_kwargs: dict | None = None, weights=None) -> tuple[nn.Module, dict]:
-    """A model for the ``convert`` / ``export`` commands: a checkpoint path, or a registered name built fresh.
-
-    Args:
-        source: a run folder, checkpoint folder or ``.safetensors`` file written by ``condconv train`` /
-            ``condconv convert``; otherwise a registered model name (``condconv.list_models()``).
-        model_kwargs: ``create_model`` keyword arguments (registered names only).
-        weights: optional state_dict file (``.safetensors``, or ``.pt``/``.pth`` read with ``weights_only=True``)
-            loaded into a registered model, e.g. pretrained weights.
-
-    Returns:
-        ``(model in eval mode, config)``; config has at least ``model`` and ``model_args``.
-    """
-    from condconv.models import create_model, is_model
-
-    if Path(source).exists():
-        if model_kwargs:
-            raise ValueError(f"--model-kwargs applies to registered model names, not to the checkpoint {source}")
-        if weights is not None:
-            raise ValueError(f"--weights applies to registered model names, not to the checkpoint {source}")
-        return load_checkpoint(source)
-    if not is_model(source):
-        create_model(source)  # raises ValueError with close-name suggestions
-    args = dict(model_kwargs or {})
-    model = create_model(source, **args)
-    if weights is not None:
-        state = _read_state_dict(weights)
-        result = model.load_state_dict(state, strict=False)
-        if result.missing_keys or result.unexpected_keys:
-            raise ValueError(f"weights file {weights} does not match {source}: missing {result.missing_keys[:5]}, "
-                             f"unexpected {result.unexpected_keys[:5]}")
-    model.eval()
-    return model, {"model": source, "model_args": args}
-
-
-def default_input_size(model_name: str, config: dict | None = None) -> tuple[int, int, int]:
-    """``(C, H, W)`` for example inputs: the checkpoint's ``in_chans``/``image_size``, else 32x32 for ``*_cifar``
-    models and 224x224 otherwise."""
-    config = config or {}
-    args = config.get("model_args", {})
-    chans = int(config.get("in_chans") or args.get("in_chans") or 3)
-    size = config.get("image_size") or (32 if str(model_name).endswith("_cifar") else 224)
-    return (chans, int(size), int(size))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# command line
-# ----------------------------------------------------------------------------------------------------------------
-def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``condconv convert``."""
-    parser.add_argument("model", metavar="MODEL", help="registered model name, or a checkpoint (run folder, "
-                        "checkpoint folder or model.safetensors) of condconv train / convert")
-    parser.add_argument("--model-kwargs", nargs="*", metavar="KEY=VALUE", default=None,
-                        help="create_model arguments for a registered name, e.g. num_classes=10 width_mult=0.5")
-    parser.add_argument("--weights", metavar="FILE", default=None,
-                        help="pretrained state_dict (.safetensors or .pt) to load into a registered model first")
-    parser.add_argument("--conv", default="condconv", choices=tuple(CONVERT_KINDS),
-                        help="layer to convert to (default: condconv)")
-    parser.add_argument("--experts", "-e", type=int, default=None,
-                        help="experts per converted layer (default: the layer's, 8 condconv / 4 dynamic, odconv)")
-    parser.add_argument("--include", action="append", metavar="PATTERN", default=None,
-                        help="fnmatch pattern of module names to convert, repeatable (default: the last third of the "
-                             "convolutions); a parent name ('layer4') selects the convolutions inside it")
-    parser.add_argument("--exclude", action="append", metavar="PATTERN", default=None,
-                        help="fnmatch pattern of module names to keep static, repeatable")
-    parser.add_argument("--perturb", type=float, default=0.01,
-                        help="relative zero-mean expert noise so experts diverge in fine-tuning; the output is "
-                             "unchanged (default: 0.01)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the expert noise (default: 0)")
-    parser.add_argument("--layer-kwargs", nargs="*", metavar="KEY=VALUE", default=None,
-                        help="more layer arguments, e.g. routing=softmax temperature=30 reduction=4")
-    parser.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"), default=None,
-                        help="input size of the output check (default: the checkpoint's, or 3 32 32 for *_cifar "
-                             "models, else 3 224 224)")
-    parser.add_argument("--list", action="store_true",
-                        help="only list the model's Conv2d layers and which ones would be converted")
-    parser.add_argument("--out", "-o", metavar="DIR", default=None,
-                        help="output folder: model.safetensors (fine-tune or evaluate it like a condconv train "
-                             "checkpoint) and convert.json")
-
-
-def run_convert(args: argparse.Namespace) -> int:
-    """``condconv convert``: convert, check the outputs are unchanged, write a checkpoint."""
-    model, config = load_model(args.model, parse_kwargs(args.model_kwargs), args.weights)
-    layer_kwargs = parse_kwargs(args.layer_kwargs, "--layer-kwargs")
-    if args.list:
-        selected = set(select_convs(model, args.include, args.exclude))
-        for name in list_convs(model):
-            conv = model.get_submodule(name)
-            shape = (f"{conv.in_channels}->{conv.out_channels} k{conv.kernel_size[0]}x{conv.kernel_size[1]} "
-                     f"s{conv.stride[0]} g{conv.groups}")
-            print(f"{'*' if name in selected else ' '} {name:40s} {shape}")
-        print(f"{len(selected)} of {len(list_convs(model))} Conv2d layers selected (*)")
-        return 0
-    if not args.out:
-        raise ValueError("--out DIR is required (or --list)")
-    converted, names = convert(model, args.conv, args.experts, args.include, args.exclude, perturb=args.perturb,
-                               seed=args.seed, **layer_kwargs)
-    c, h, w = args.input_size or default_input_size(config["model"], config)
-    x = torch.randn(2, c, h, w, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        ref, out = model(x), converted(x)
-    diff = float((out - ref).abs().max())
-    scale = float(ref.abs().max())
-    if not diff <= 1e-4 * max(scale, 1.0):
-        raise RuntimeError(f"converted model's output differs from the original by {diff:.3g} (scale {scale:.3g})")
-
-    new_config = dict(config)
-    specs = config.get("convert") or []
-    new_config["convert"] = ([specs] if isinstance(specs, dict) else list(specs)) + [
-        conversion_spec(args.conv, args.experts, names, **layer_kwargs)]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    from condconv.train import save_weights
-
-    weights = save_weights(converted, out / "model.safetensors", new_config)
-    params = (sum(p.numel() for p in model.parameters()), sum(p.numel() for p in converted.parameters()))
-    report = {"source": args.model, "conv": args.conv, "num_experts": args.experts, "layers": names,
-              "perturb": args.perturb, "seed": args.seed, "input_size": [c, h, w], "max_abs_diff": diff,
-              "params_before": params[0], "params_after": params[1]}
-    (out / "convert.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    print(f"converted {len(names)} Conv2d layers of {config['model']} to {args.conv} "
-          f"(params {params[0]:,} -> {params[1]:,}); max |output difference| {diff:.2e} on {c}x{h}x{w} inputs\n"
-          f"weights: {weights}")
-    return 0
+__getattr__ = forwarder(__name__, {
+    "load_checkpoint": ("condconv.load_checkpoint", lambda: _public("load_checkpoint")),
+    "CONVERT_KINDS": ("condconv.layers.LAYERS", lambda: LAYERS),
+})

@@ -20,7 +20,6 @@ Command line: ``condconv export MODEL_OR_CHECKPOINT --format onnx --verify``.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import importlib.util
 import io
@@ -33,17 +32,16 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from condconv.fileio import atomic_output, check_writable
 from condconv.functional import get_default_strategy, use_strategy
 from condconv.layers import DynamicConvBase
 
 __all__ = [
     "EXPORT_FORMATS",
     "ONNX_EXPORTERS",
-    "add_export_arguments",
     "export_model",
     "load_exported",
     "onnx_dynamo_available",
-    "run_export",
     "verify_export",
 ]
 
@@ -190,26 +188,33 @@ def export_model(
     if opset is not None and (isinstance(opset, bool) or not isinstance(opset, int) or opset < 7):
         raise ValueError(f"opset must be an int >= 7 or None, got {opset!r}")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    check_writable(path)
     x = _example_input(model, batch_size, size)
-    with _export_strategy(model, strategy, dynamic_batch), torch.no_grad():
+    # an ONNX file over 2 GiB keeps its weights in a side file named after it: written in place, not renamed
+    large = format == "onnx" and _weight_bytes(model) > 1.5 * 2**30
+    target = contextlib.nullcontext(path) if large else atomic_output(path)
+    with _export_strategy(model, strategy, dynamic_batch), torch.no_grad(), target as tmp:
         out = model(x)
         if not isinstance(out, Tensor):
             raise TypeError(f"export_model supports models returning one tensor, got {type(out).__name__}")
         if format == "onnx":
-            _export_onnx(model, x, path, opset, dynamic_batch, exporter)
+            _export_onnx(model, x, tmp, opset, dynamic_batch, exporter)
         elif format == "torchscript":
             traced = _quiet_call(torch.jit.trace, model, (x,), check_trace=False)
-            traced.save(str(path))
+            traced.save(str(tmp))
         else:
             dims = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
             program = _quiet_call(torch.export.export, model, (x,), dynamic_shapes=dims)
-            torch.export.save(program, str(path))
+            torch.export.save(program, str(tmp))
     logger.debug("exported %s to %s (%s, %.1f MB)", type(model).__name__, path, format, path.stat().st_size / 2**20)
     if verify:
         sizes = verify_batch_sizes if dynamic_batch else (batch_size,)
         verify_export(path, model, input_size=size, batch_sizes=sizes, format=format)
     return path
+
+
+def _weight_bytes(model: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
 
 def _export_onnx(model: nn.Module, x: Tensor, path: Path, opset: int | None, dynamic_batch: bool,
@@ -223,7 +228,7 @@ def _export_onnx(model: nn.Module, x: Tensor, path: Path, opset: int | None, dyn
     if exporter == "dynamo":
         if not onnx_dynamo_available():
             raise ImportError("exporter='dynamo' needs the onnxscript package (pip install onnxscript)")
-        large = sum(t.numel() * t.element_size() for t in model.state_dict().values()) > 1.5 * 2**30
+        large = _weight_bytes(model) > 1.5 * 2**30
         dims = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
         program = _quiet_call(torch.onnx.export, model, (x,), dynamo=True, dynamic_shapes=dims, opset_version=opset,
                               external_data=large, verbose=False, **names)
@@ -297,50 +302,3 @@ def verify_export(path: str | Path, model: nn.Module, input_size: Sequence[int] 
         raise RuntimeError(f"{path} disagrees with the PyTorch model (max |difference| {summary})")
     logger.debug("verified %s against PyTorch: %s", path, summary)
     return errors
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# command line
-# ----------------------------------------------------------------------------------------------------------------
-def add_export_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``condconv export``."""
-    parser.add_argument("model", metavar="MODEL_OR_CHECKPOINT", help="registered model name (fresh weights, or "
-                        "--weights), or a checkpoint of condconv train / convert")
-    parser.add_argument("--format", "-f", default="onnx", choices=tuple(EXPORT_FORMATS),
-                        help="output format (default: onnx)")
-    parser.add_argument("--out", "-o", metavar="PATH", default=None,
-                        help="output file (default: <model><suffix> in the current folder)")
-    parser.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"), default=None,
-                        help="input size (default: the checkpoint's, else 3 32 32 for *_cifar models, 3 224 224)")
-    parser.add_argument("--model-kwargs", nargs="*", metavar="KEY=VALUE", default=None,
-                        help="create_model arguments for a registered name, e.g. conv=condconv num_experts=4")
-    parser.add_argument("--weights", metavar="FILE", default=None,
-                        help="state_dict (.safetensors or .pt) to load into a registered model")
-    parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
-    parser.add_argument("--exporter", default="auto", choices=ONNX_EXPORTERS,
-                        help="ONNX exporter: dynamo (needs onnxscript), torchscript, or auto (default)")
-    parser.add_argument("--batch-size", type=int, default=2, help="batch of the tracing input (default: 2)")
-    parser.add_argument("--static-batch", action="store_true", help="fix the batch size to --batch-size")
-    parser.add_argument("--verify", action="store_true",
-                        help="run the exported model (onnxruntime for ONNX) at batch sizes 1, 3 and 8 against PyTorch")
-    parser.add_argument("--verify-batch-sizes", type=int, nargs="+", default=[1, 3, 8], metavar="B",
-                        help="batch sizes of --verify (default: 1 3 8)")
-
-
-def run_export(args: argparse.Namespace) -> int:
-    """``condconv export``: build or load the model, export it, optionally verify it."""
-    from condconv.convert import default_input_size, load_model, parse_kwargs
-
-    model, config = load_model(args.model, parse_kwargs(args.model_kwargs), args.weights)
-    size = tuple(args.input_size) if args.input_size else default_input_size(config["model"], config)
-    out = Path(args.out) if args.out else Path(Path(str(config["model"])).name + EXPORT_FORMATS[args.format])
-    path = export_model(model, out, args.format, size, args.opset, batch_size=args.batch_size,
-                        dynamic_batch=not args.static_batch, exporter=args.exporter)
-    print(f"exported {config['model']} ({'x'.join(map(str, size))} inputs, "
-          f"{'batch ' + str(args.batch_size) if args.static_batch else 'any batch'}) to {path} "
-          f"({path.stat().st_size / 2**20:.2f} MB)")
-    if args.verify:
-        sizes = [args.batch_size] if args.static_batch else args.verify_batch_sizes
-        errors = verify_export(path, model, size, sizes, format=args.format)
-        print("verified against PyTorch: " + ", ".join(f"batch {b}: max |diff| {e:.2e}" for b, e in errors.items()))
-    return 0

@@ -291,11 +291,10 @@ def dynamic_conv2d(
     """
     _check_strategy(strategy)
     call = _validate(x, weight, routing, bias, stride, padding, dilation, groups, padding_mode, spatial)
-    if not autocast_on(x.device.type):  # the kernels are mixed in the experts' dtype
-        if routing.dtype != weight.dtype:
-            routing = routing.to(weight.dtype)
-        if spatial is not None and spatial.dtype != weight.dtype:
-            spatial = spatial.to(weight.dtype)
+    mismatched = routing.dtype != weight.dtype or (spatial is not None and spatial.dtype != weight.dtype)
+    if mismatched and not autocast_on(x.device.type):  # the kernels are mixed in the experts' dtype
+        routing = routing.to(weight.dtype)
+        spatial = None if spatial is None else spatial.to(weight.dtype)
     if call.batch == 0:
         dtype = torch.promote_types(x.dtype, weight.dtype)
         out = x.new_zeros((0, call.out_channels, *call.out_hw), dtype=dtype)

@@ -1,4 +1,4 @@
-"""Figures of ``condconv sweep`` and ``condconv routing`` (matplotlib, Agg backend, PNG files).
+"""Figures of ``condconv sweep`` and ``condconv routing`` (PNG files drawn with matplotlib's Agg canvas).
 
 CondConv: Conditionally Parameterized Convolutions for Efficient Inference (Yang et al., NeurIPS 2019,
 arXiv:1904.04971): its MobileNetV1 study plots multiply-adds against top-1 accuracy with one line per width
@@ -16,25 +16,25 @@ from typing import Any
 
 import numpy as np
 
+from condconv.fileio import atomic_output
+
 __all__ = ["plot_macs_vs_accuracy", "plot_routing"]
 
 
-def _pyplot():
-    import matplotlib
+def _figure(**kwargs):
+    """A matplotlib figure on its own Agg canvas: no pyplot, so the process's backend and figure list are untouched."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
+    fig = Figure(**kwargs)
+    FigureCanvasAgg(fig)
+    return fig
 
 
 def _save(fig, path: Path) -> Path:
-    """Write ``fig`` to ``path`` atomically (temporary file, then rename) and close it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp)
-    _pyplot().close(fig)
-    os.replace(tmp, path)
+    """Write ``fig`` to ``path`` atomically (temporary file, then rename)."""
+    with atomic_output(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png")
     return path
 
 
@@ -57,11 +57,13 @@ def plot_macs_vs_accuracy(
     Returns:
         The written path.
     """
-    plt = _pyplot()
+    from matplotlib import colormaps
+
     path = Path(path)
     widths = sorted({float(r["width"]) for r in rows})
-    fig, ax = plt.subplots(figsize=(7.0, 4.8), dpi=120)
-    cmap = plt.get_cmap("viridis")
+    fig = _figure(figsize=(7.0, 4.8), dpi=120)
+    ax = fig.subplots()
+    cmap = colormaps["viridis"]
     for i, w in enumerate(widths):
         pts = sorted((r for r in rows if float(r["width"]) == w), key=lambda r: (float(r["macs"]), int(r["experts"])))
         if not pts:
@@ -109,7 +111,6 @@ def plot_routing(
     Returns:
         The written path.
     """
-    plt = _pyplot()
     path = Path(path)
     n_layers, n_classes, n_experts = means.shape
     shown = list(range(min(n_classes, max_classes)))
@@ -117,9 +118,8 @@ def plot_routing(
     cols = min(panels, 6)
     rows = math.ceil(panels / cols)
     cell_h = max(2.2, 0.22 * n_layers + 0.8)
-    fig, axes = plt.subplots(
-        rows, cols, figsize=(1.0 + cols * max(1.6, 0.3 * n_experts + 0.9), rows * cell_h + 0.6), dpi=110, squeeze=False
-    )
+    fig = _figure(figsize=(1.0 + cols * max(1.6, 0.3 * n_experts + 0.9), rows * cell_h + 0.6), dpi=110)
+    axes = fig.subplots(rows, cols, squeeze=False)
     finite = means[np.isfinite(means)]
     vmin = float(finite.min()) if finite.size else 0.0
     vmax = float(finite.max()) if finite.size else 1.0

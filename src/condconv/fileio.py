@@ -1,0 +1,234 @@
+"""Writing files so that nothing is lost or half-written: the one home of the package's atomic writes.
+
+Every file the package writes goes to a temporary file in the same folder, is flushed and fsynced, and is then
+renamed over its destination (``os.replace``, atomic on POSIX), after which the folder is fsynced. A failed write
+(a full disk, a read-only folder, a crash) removes its temporary file and leaves the destination as it was. Write
+failures are raised as :class:`OutputError`, a one-line message naming the file (and, for a full disk, the space
+the write needed and the space left).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import errno
+import logging
+import os
+import shutil
+import socket
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+__all__ = [
+    "TMP_PREFIX",
+    "OutputError",
+    "atomic_output",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "FolderBusyError",
+    "check_writable",
+    "folder_lock",
+    "fsync_dir",
+    "output_error",
+]
+
+logger = logging.getLogger(__name__)
+
+
+#: Temporary files and folders start with this prefix (so a crash's leftovers can be recognised and removed).
+TMP_PREFIX = ".tmp-"
+
+
+class OutputError(OSError):
+    """A file or folder could not be written; the message names it and says why, in one line."""
+
+
+def _describe_os_error(exc: OSError) -> str:
+    if exc.errno == errno.ENOSPC:
+        return "no space left on the device"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return "permission denied"
+    if exc.errno == errno.EROFS:
+        return "read-only file system"
+    if exc.errno == errno.EDQUOT:
+        return "disk quota exceeded"
+    return exc.strerror or str(exc)
+
+
+def output_error(path: str | os.PathLike, exc: OSError, needed: int | None = None) -> OutputError:
+    """An :class:`OutputError` for a failed write of ``path``: what failed and, on a full disk, the space needed."""
+    path = Path(path)
+    message = f"cannot write {path}: {_describe_os_error(exc)}"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        folder = path.parent if path.parent.exists() else Path(".")
+        with contextlib.suppress(OSError):
+            free = shutil.disk_usage(folder).free
+            need = f"{needed / 2**20:.1f} MiB needed, " if needed else ""
+            message += f" ({need}{free / 2**20:.1f} MiB free on {folder})"
+    error = OutputError(exc.errno, message)
+    error.filename = str(path)
+    return error
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """fsync a folder so a rename inside it survives a power loss (a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike, *, suffix: str | None = None) -> Iterator[Path]:
+    """A temporary path in ``path``'s folder to write to; renamed over ``path`` when the block ends without error.
+
+    For writers that take a file name (matplotlib, exporters). On any error the temporary file is removed and
+    ``path`` is left untouched; ``OSError`` comes out as :class:`OutputError` naming ``path``.
+
+    Args:
+        path: the destination.
+        suffix: the temporary file's suffix (default: ``path``'s, which writers choose formats by).
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tail = suffix if suffix is not None else path.suffix
+        fd, name = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{path.name}.", suffix=tail, dir=path.parent)
+        os.close(fd)
+    except OSError as exc:
+        raise output_error(path, exc) from None
+    tmp = Path(name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except OutputError:
+        raise
+    except OSError as exc:
+        raise output_error(path, exc, tmp.stat().st_size if tmp.exists() else None) from None
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (temporary file, fsync, rename, fsync of the folder)."""
+    path = Path(path)
+    with atomic_output(path) as tmp:
+        try:
+            with open(tmp, "wb") as handle:
+                handle.write(data)
+        except OSError as exc:
+            raise output_error(path, exc, len(data)) from None
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """:func:`atomic_write_bytes` of UTF-8 text."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def check_writable(path: str | os.PathLike, *, folder: bool = False) -> Path:
+    """Fail early, before any work, if ``path`` cannot be written.
+
+    Args:
+        path: a file to be written (its folder must be creatable and writable, and an existing file writable), or,
+            with ``folder=True``, a folder to be created or written into.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        OutputError: the folder cannot be created or written (one line naming it and why).
+    """
+    path = Path(path)
+    target = path if folder else path.parent
+    target = target if str(target) else Path(".")
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".condconv-write-check-", dir=target)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise output_error(target if folder else path, exc) from None
+    if not folder and path.exists() and not os.access(path, os.W_OK):
+        raise output_error(path, PermissionError(errno.EACCES, "permission denied"))
+    return path
+
+
+class FolderBusyError(RuntimeError):
+    """Another process holds the folder's lock (the message names the holder)."""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _holder(text: str) -> dict[str, str]:
+    return dict(part.split("=", 1) for part in text.split() if "=" in part)
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike, what: str = "folder") -> Iterator[Path]:
+    """Hold an exclusive lock on ``folder`` (created if needed) for the duration of the block.
+
+    The lock is ``fcntl.flock`` on ``folder/.lock``, which holds the holder's PID, host and start time. The kernel
+    releases it when the holder exits, even by SIGKILL; a lock file left by a process that is no longer running is
+    taken over with a warning. Where ``fcntl`` does not exist (Windows) no lock is taken.
+
+    Raises:
+        FolderBusyError: another running process holds the lock (the message names it).
+        OutputError: the folder or its lock file cannot be written.
+    """
+    folder = Path(folder)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        logger.debug("no fcntl: %s %s is not locked", what, folder)
+        yield folder
+        return
+    path = folder / ".lock"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise output_error(path, exc) from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(os.pread(fd, 4096, 0).decode("utf-8", "replace"))
+            who = f"process {holder.get('pid', '?')} on {holder.get('host', '?')} (since {holder.get('started', '?')})"
+            raise FolderBusyError(f"{what} {folder} is in use by {who}: wait for it to finish, or use another "
+                                  "folder") from None
+        previous = _holder(os.pread(fd, 4096, 0).decode("utf-8", "replace"))
+        if previous.get("pid"):
+            alive = previous.get("host") == socket.gethostname() and _pid_alive(int(previous["pid"]))
+            logger.warning("%s %s: taking over the lock of process %s on %s, which %s", what, folder,
+                           previous["pid"], previous.get("host", "?"),
+                           "no longer holds it" if alive else "is no longer running")
+        stamp = _dt.datetime.now().isoformat(timespec="seconds")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid={os.getpid()} host={socket.gethostname()} started={stamp}\n".encode(), 0)
+        try:
+            yield folder
+        finally:
+            os.ftruncate(fd, 0)  # an empty lock file: released cleanly
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
