@@ -10,6 +10,7 @@ from torch import nn
 
 import condconv
 from condconv import CondConv2d, DynamicConv2d, ODConv2d
+from condconv.models import create_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -59,3 +60,24 @@ def test_official_init_bad_value():
         ODConv2d(8, 8, 3, init="he")
     with pytest.raises(ValueError, match="init must be one of"):
         condconv.SoftmaxRouter(8, 4, init="glorot")
+
+
+def test_model_official_init_static_layers():
+    """CondConv models: TensorFlow's initialisers for the static layers too; ODConv models: PyTorch's."""
+    torch.manual_seed(0)
+    effnet = create_model("efficientnet_b0", conv="condconv", num_experts=4, init="official")
+    stem = effnet.stem.conv.weight  # 3x3, 32 filters: fan_out = 9 * 32
+    _std_close(stem, math.sqrt(2 / (9 * 32)), rel=0.1)
+    depthwise = effnet.blocks[4].depthwise.conv.weight  # a static depthwise 5x5 of 240 channels
+    assert depthwise.shape == (240, 1, 5, 5)
+    _std_close(depthwise, math.sqrt(2 / 25), rel=0.05)
+    bound = 1 / math.sqrt(1000)
+    assert effnet.head.fc.weight.abs().max() <= bound and torch.count_nonzero(effnet.head.fc.bias) == 0
+    routers = [b.router for b in effnet.blocks if b.router is not None]
+    assert len(routers) == 8 and all(torch.count_nonzero(r.fc.bias) == 0 for r in routers)
+    odconv = create_model("resnet18", conv="odconv", dynamic_blocks="all", init="official")
+    _std_close(odconv.stem.conv.weight, math.sqrt(2 / (64 * 49)), rel=0.05)
+    assert odconv.head.fc.weight.std().item() == pytest.approx(0.01, rel=0.05)
+    assert all(m.init == "official" for m in odconv.modules() if isinstance(m, ODConv2d))
+    default = create_model("resnet18", conv="odconv", dynamic_blocks="all")
+    assert all(m.init == "default" for m in default.modules() if isinstance(m, ODConv2d))
