@@ -11,10 +11,11 @@ from condconv import CondConv2d, DynamicConv2d, ODConv2d, SigmoidRouter
 from condconv.layers import DynamicConvBase
 from condconv.models import ConvNet, create_model, is_model, list_models, register_model
 from condconv.models.blocks import BasicBlock, Bottleneck, MBConv, SqueezeExcite
+from condconv.models.presets import list_presets
 
 KINDS = ("static", "condconv", "dynamic", "odconv")
 CIFAR = list_models("*_cifar")
-PRESETS: list[str] = []
+PRESETS = list_presets()  # full ImageNet models of the papers: tests/test_presets.py
 IMAGENET = [name for name in list_models() if not name.endswith("_cifar") and name not in PRESETS]
 _DYNAMIC_EVERYWHERE = {"dynamic_blocks": "all", "dynamic_head": True, "dynamic_classifier": True,
                        "dynamic_pre_logits": True}

@@ -1,6 +1,7 @@
 """The model zoo: MobileNetV1/V2/V3 (Small, Large), MnasNet-A1, EfficientNet-B0, ResNet-10/18/34/50/101 (and
 ``*_cifar`` 32x32 variants), each with static, CondConv (Yang et al., NeurIPS 2019, arXiv:1904.04971), DynamicConv
-(Chen et al., CVPR 2020, arXiv:1912.03458) and ODConv (Li et al., ICLR 2022, arXiv:2209.07947) convolutions.
+(Chen et al., CVPR 2020, arXiv:1912.03458) and ODConv (Li et al., ICLR 2022, arXiv:2209.07947) convolutions; and the
+papers' models by name (:mod:`condconv.models.presets`: ``condconv_*``, ``dy_*``, ``odconv_*``).
 
 Example:
     >>> from condconv.models import create_model
@@ -13,6 +14,7 @@ from condconv.models import (  # noqa: F401 (registers)
     mobilenet_v1,
     mobilenet_v2,
     mobilenet_v3,
+    presets,
     resnet,
 )
 from condconv.models.blocks import ConvNet, FeatureInfo
