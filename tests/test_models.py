@@ -10,12 +10,15 @@ import condconv
 from condconv import CondConv2d, DynamicConv2d, ODConv2d, SigmoidRouter
 from condconv.layers import DynamicConvBase
 from condconv.models import ConvNet, create_model, is_model, list_models, register_model
-from condconv.models.blocks import MBConv
+from condconv.models.blocks import BasicBlock, Bottleneck, MBConv, SqueezeExcite
+from condconv.models.presets import list_presets
 
 KINDS = ("static", "condconv", "dynamic", "odconv")
 CIFAR = list_models("*_cifar")
-IMAGENET = [name for name in list_models() if not name.endswith("_cifar")]
-_DYNAMIC_EVERYWHERE = {"dynamic_blocks": "all", "dynamic_head": True, "dynamic_classifier": True}
+PRESETS = list_presets()  # full ImageNet models of the papers: tests/test_presets.py
+IMAGENET = [name for name in list_models() if not name.endswith("_cifar") and name not in PRESETS]
+_DYNAMIC_EVERYWHERE = {"dynamic_blocks": "all", "dynamic_head": True, "dynamic_classifier": True,
+                       "dynamic_pre_logits": True}
 
 # tiny models: one intra-op thread (the shared conftest fixture)
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -29,11 +32,14 @@ def _tiny(name: str, kind: str, **kwargs) -> ConvNet:
 
 
 def test_registry_lists_every_family_and_its_cifar_variant():
-    assert IMAGENET == ["efficientnet_b0", "mnasnet_a1", "mobilenet_v1", "mobilenet_v2", "resnet18", "resnet50"]
-    assert CIFAR == [f"{name}_cifar" for name in IMAGENET]
-    assert list_models("resnet*") == ["resnet18", "resnet18_cifar", "resnet50", "resnet50_cifar"]
+    assert IMAGENET == ["efficientnet_b0", "mnasnet_a1", "mobilenet_v1", "mobilenet_v2", "mobilenet_v3_large",
+                        "mobilenet_v3_small", "resnet10", "resnet101", "resnet18", "resnet34", "resnet50"]
+    assert CIFAR == sorted(f"{name}_cifar" for name in IMAGENET)
+    assert list_models("resnet1*") == ["resnet10", "resnet101", "resnet101_cifar", "resnet10_cifar", "resnet18",
+                                       "resnet18_cifar"]
     assert list_models("nothing*") == []
-    assert is_model("mobilenet_v1") and not is_model("mobilenet_v3")
+    assert sorted(set(list_models()) - set(IMAGENET) - set(CIFAR)) == sorted(PRESETS)
+    assert is_model("mobilenet_v3_small") and not is_model("mobilenet_v4")
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -97,6 +103,11 @@ def _dynamic_layers(model: nn.Module) -> list[str]:
     ("efficientnet_b0", 8, False, False),
     ("resnet18", 2, False, False),
     ("resnet50", 3, False, False),
+    ("resnet10", 1, False, False),
+    ("resnet34", 3, False, False),
+    ("resnet101", 3, False, False),
+    ("mobilenet_v3_small", 11, True, False),  # DynamicConv's
+    ("mobilenet_v3_large", 15, True, False),
 ])
 def test_default_placement_is_the_papers(name, blocks, head, classifier):
     with torch.device("meta"):
@@ -176,7 +187,8 @@ def test_imagenet_models_run_at_224():
 def test_parameter_counts_of_the_standard_models():
     # torchvision / timm counts: the architectures are the standard ones
     expected = {"mobilenet_v2": 3_504_872, "resnet18": 11_689_512, "resnet50": 25_557_032,
-                "efficientnet_b0": 5_288_548, "mnasnet_a1": 3_887_038}
+                "efficientnet_b0": 5_288_548, "mnasnet_a1": 3_887_038, "resnet34": 21_797_672,
+                "resnet101": 44_549_160, "mobilenet_v3_small": 2_542_856, "mobilenet_v3_large": 5_483_032}
     with torch.device("meta"):
         counts = {name: sum(p.numel() for p in create_model(name).parameters()) for name in expected}
     assert counts == expected
@@ -215,6 +227,10 @@ def test_registry_errors():
     ({"dropout": 1.5}, ValueError, "dropout must be a number in"),
     ({"in_chans": -1}, ValueError, "in_chans must be a positive int"),
     ({"widht_mult": 0.5}, TypeError, "widht_mult"),
+    ({"init": "he"}, ValueError, "init must be one of"),
+    ({"conv": "odconv", "init": "official", "conv_kwargs": {"init": "default"}}, ValueError, "conflicts with init"),
+    ({"conv": "condconv", "dynamic_shortcut": 1}, TypeError, "dynamic_shortcut must be a bool"),
+    ({"conv": "condconv", "dynamic_pre_logits": "no"}, TypeError, "dynamic_pre_logits must be a bool"),
 ])
 def test_bad_arguments(kwargs, error, match):
     with pytest.raises(error, match=match), torch.device("meta"):
@@ -239,3 +255,68 @@ def test_cuda_forward_backward(kind):
     assert out.shape == (4, 10) and out.is_cuda and torch.isfinite(out).all()
     out.square().mean().backward()
     assert all(p.grad is not None and p.grad.is_cuda for p in model.parameters())
+
+
+def test_mobilenet_v3_structure():
+    """Hard-swish where the paper has it, squeeze-excite on the expanded width, the pre-logits layer without BN."""
+    model = create_model("mobilenet_v3_large")
+    assert isinstance(model.stem.act, nn.Hardswish) and isinstance(model.head_conv.act, nn.Hardswish)
+    blocks = list(model.blocks)
+    assert [type(b.depthwise.act).__name__ for b in blocks] == ["ReLU"] * 6 + ["Hardswish"] * 9
+    se = [b.se for b in blocks if b.se is not None]
+    assert len(se) == 8 and all(isinstance(m.gate, nn.Hardsigmoid) and isinstance(m.act, nn.ReLU) for m in se)
+    # the bottleneck is make_divisible(hidden / 4) of the expanded width: 72 -> 24, 120 -> 32, 960 -> 240
+    assert [(m.reduce.in_channels, m.reduce.out_channels) for m in se[:2]] == [(72, 24), (120, 32)]
+    assert (se[-1].reduce.in_channels, se[-1].reduce.out_channels) == (960, 240)
+    assert blocks[0].expand is None and blocks[1].expand.conv.out_channels == 64
+    head = model.head
+    assert isinstance(head.pre_logits, nn.Linear) and head.pre_logits.bias is not None
+    assert (head.pre_logits.in_features, head.pre_logits.out_features) == (960, 1280)
+    assert isinstance(head.pre_logits_act, nn.Hardswish) and head.dropout.p == 0.2
+    assert model.num_features == 1280 and head.fc.in_features == 1280
+    assert not any(isinstance(m, nn.BatchNorm1d) for m in head.modules())
+    x = torch.randn(2, 3, 64, 64)
+    assert model.forward_head(model.forward_features(x), pre_logits=True).shape == (2, 1280)
+    small = create_model("mobilenet_v3_small", width_mult=0.5)
+    assert small.head_conv.conv.out_channels == 288 and small.num_features == 512  # both scaled by the width
+
+
+def test_mobilenet_v3_multiply_adds():
+    """torchvision's architecture: 56.5M / 216.6M in convolutions and linear layers (the paper: 56M / 219M)."""
+    with torch.device("meta"):
+        conv = {name: condconv.count_macs(create_model(name)).categories["conv"].macs
+                for name in ("mobilenet_v3_small", "mobilenet_v3_large")}
+    assert conv == {"mobilenet_v3_small": 56_510_400, "mobilenet_v3_large": 216_589_760}
+
+
+@pytest.mark.parametrize("kind", ["condconv", "odconv"])
+def test_static_shortcut(kind):
+    """dynamic_shortcut=False keeps the projection shortcut a plain nn.Conv2d, also with block-shared routing."""
+    model = _tiny("resnet18_cifar", kind, dynamic_shortcut=False, shared_routing=kind == "condconv")
+    shortcuts = [b.downsample.conv for b in model.blocks if isinstance(b, BasicBlock) and b.downsample is not None]
+    assert len(shortcuts) == 3 and all(type(conv) is nn.Conv2d for conv in shortcuts)
+    assert all(isinstance(b.conv1.conv, DynamicConvBase) for b in model.blocks if isinstance(b, BasicBlock))
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    dynamic = _tiny("resnet18_cifar", kind)
+    assert all(isinstance(b.downsample.conv, DynamicConvBase) for b in dynamic.blocks
+               if isinstance(b, BasicBlock) and b.downsample is not None)
+
+
+def test_resnet_v1_layout():
+    """The v1 bottleneck strides its first 1x1: ResNet-50 counts the 3.86G multiply-adds many tables quote."""
+    from condconv.models.resnet import RESNET50, resnet_v1
+
+    with torch.device("meta"):
+        v15, v1 = RESNET50.build(), resnet_v1(RESNET50).build()
+    strided = [b for b in v1.blocks if isinstance(b, Bottleneck) and b.stride == 2]
+    assert len(strided) == 3 and all(b.conv1.conv.stride == (2, 2) and b.conv2.conv.stride == (1, 1)
+                                     for b in strided)
+    assert sum(p.numel() for p in v1.parameters()) == sum(p.numel() for p in v15.parameters())
+    assert condconv.count_macs(v15).macs == 4_089_284_608
+    assert condconv.count_macs(v1).macs == pytest.approx(3.858e9, rel=1e-3)
+
+
+def test_squeeze_excite_default_is_unchanged():
+    block = create_model("efficientnet_b0").blocks[1]
+    assert isinstance(block.se, SqueezeExcite) and isinstance(block.se.gate, nn.Sigmoid)
+    assert isinstance(block.se.act, nn.SiLU) and block.se.reduce.out_channels == 4  # int(16 * 0.25), block input

@@ -85,6 +85,8 @@ def _flop_counter_macs(model: nn.Module, size: tuple[int, int, int]) -> int:
                             "dynamic_classifier": True}),  # per-layer routing, a classifier with bias
     ("mobilenet_v2_cifar", {"conv": "condconv", "num_experts": 2, "dynamic_head": True}),
     ("resnet18_cifar", {"conv": "dynamic", "num_experts": 2, "dynamic_blocks": "all"}),  # softmax MLP routing
+    ("mobilenet_v3_small_cifar", {"conv": "dynamic", "num_experts": 2, "dynamic_pre_logits": True}),  # pre-logits
+    ("resnet50_cifar", {"conv": "condconv", "num_experts": 2, "shared_routing": True, "dynamic_shortcut": False}),
 ])
 def test_agrees_with_flop_counter(name, kwargs):
     """FlopCounterMode sees convolutions, matmuls (mixing, routers, classifier); not pooling or gating."""

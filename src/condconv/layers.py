@@ -8,7 +8,8 @@
 
 All three take :class:`torch.nn.Conv2d`'s arguments in the same order, then keyword-only dynamic options, and
 hold their experts in one parameter ``weight`` of shape ``(num_experts, out_channels, in_channels // groups, kh,
-kw)`` (``bias``: ``(num_experts, out_channels)``), each expert initialised like its own ``nn.Conv2d``.
+kw)`` (``bias``: ``(num_experts, out_channels)``), each expert initialised like its own ``nn.Conv2d``
+(``init='default'``) or as the paper's code initialises it (``init='official'``, per expert, see each layer).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from condconv.functional import (
     get_default_strategy,
     resolve_padding,
 )
-from condconv.routing import OmniRouter, SigmoidRouter, SoftmaxRouter, _check_dropout, _check_temperature
+from condconv.routing import OmniRouter, SigmoidRouter, SoftmaxRouter, _check_dropout, _check_init, _check_temperature
 
 __all__ = ["CondConv2d", "DynamicConv2d", "ODConv2d", "make_conv2d", "DynamicConvBase", "LAYERS", "CONV_KINDS",
            "DYNAMIC_KINDS"]
@@ -38,8 +39,9 @@ class DynamicConvBase(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *,
-                 num_experts: int, strategy: str | None = None) -> None:
+                 num_experts: int, strategy: str | None = None, init: str = "default") -> None:
         super().__init__()
+        self.init = _check_init(init)
         self.in_channels = _positive_int(in_channels, "in_channels")
         self.out_channels = _positive_int(out_channels, "out_channels")
         self.groups = _positive_int(groups, "groups")
@@ -69,13 +71,25 @@ class DynamicConvBase(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Initialise each expert exactly as ``nn.Conv2d`` initialises its kernel (fan-in of one expert)."""
+        """Initialise the experts: ``init='default'``: each exactly as ``nn.Conv2d`` initialises its kernel (fan-in of
+        one expert); ``init='official'``: each from ``N(0, official_std())``, biases zero."""
+        if self.init == "official":
+            nn.init.normal_(self.weight, 0.0, self.official_std())
+            if self.bias is not None:
+                nn.init.zeros_(self.bias)
+            return
         fan_in = self.weight.shape[2] * self.weight.shape[3] * self.weight.shape[4]
         for expert in range(self.num_experts):
             nn.init.kaiming_uniform_(self.weight[expert], a=math.sqrt(5))
         if self.bias is not None:
             bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
             nn.init.uniform_(self.bias, -bound, bound)
+
+    def official_std(self) -> float:
+        """Standard deviation of one expert under ``init='official'``: He normal with the fan-out of one expert,
+        ``sqrt(2 / (out_channels * kh * kw))``, as ``torch.nn.init.kaiming_normal_(weight[i], mode='fan_out')``
+        computes it per expert in the ODConv code (groups do not reduce PyTorch's fan-out)."""
+        return math.sqrt(2.0 / (self.out_channels * self.kernel_size[0] * self.kernel_size[1]))
 
     def _apply(self, fn, recurse=True):
         # ``model.to(memory_format=torch.channels_last)`` converts 4-D and 5-D tensors, and channels_last rejects
@@ -172,8 +186,15 @@ class CondConv2d(DynamicConvBase):
             router of its own; ``forward`` must then be given ``routing_weights`` (to share one routing across
             a block's convolutions, as the official EfficientNet-CondConv code does).
         temperature: softmax temperature (``routing='softmax'`` only). Default 1.
-        routing_dropout: dropout on the pooled routing input. Default 0.
+        routing_dropout: dropout on the pooled routing input (this library's option; the official code has none).
+            Default 0.
         strategy: execution strategy (:data:`condconv.STRATEGIES`); ``None`` follows the global default.
+        init: ``'default'`` or ``'official'``: the official EfficientNet-CondConv code (tensorflow/tpu
+            ``models/official/efficientnet/condconv/condconv_layers.py``, ``get_condconv_initializer``) initialises
+            every expert separately with ``conv_kernel_initializer`` of ``efficientnet_model.py``: a normal (not
+            truncated) of std ``sqrt(2 / fan_out)``, ``fan_out = kh * kw * out_channels`` for a dense kernel and
+            ``kh * kw * depth_multiplier`` for a depthwise one, i.e. ``kh * kw * out_channels / groups`` here;
+            biases zero; its router Glorot-uniform with zero bias (:class:`condconv.SigmoidRouter`).
 
     Shape:
         ``forward(x, routing_weights=None)``: ``x`` ``(B, C_in, H, W)``, ``routing_weights`` ``(B, num_experts)``
@@ -183,22 +204,26 @@ class CondConv2d(DynamicConvBase):
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *,
                  num_experts: int = 8, routing: str = "sigmoid", temperature: float = 1.0,
-                 routing_dropout: float = 0.0, strategy: str | None = None) -> None:
+                 routing_dropout: float = 0.0, strategy: str | None = None, init: str = "default") -> None:
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
-                         padding_mode, device, dtype, num_experts=num_experts, strategy=strategy)
+                         padding_mode, device, dtype, num_experts=num_experts, strategy=strategy, init=init)
         factory = {"device": device, "dtype": dtype}
         _check_temperature(temperature)  # validated whatever the routing, so a bad value never passes silently
         _check_dropout(routing_dropout)
         if routing == "sigmoid":
-            self.router = SigmoidRouter(in_channels, num_experts, routing_dropout, **factory)
+            self.router = SigmoidRouter(in_channels, num_experts, routing_dropout, init=init, **factory)
         elif routing == "softmax":
             self.router = SoftmaxRouter(in_channels, num_experts, temperature=temperature, dropout=routing_dropout,
-                                        **factory)
+                                        init=init, **factory)
         elif routing == "external":
             self.router = None
         else:
             raise ValueError(f"routing must be 'sigmoid', 'softmax' or 'external', got {routing!r}")
         self.routing = routing
+
+    def official_std(self) -> float:
+        """``sqrt(2 / (kh * kw * out_channels / groups))``: TensorFlow's fan-out (see ``init`` above)."""
+        return math.sqrt(2.0 * self.groups / (self.out_channels * self.kernel_size[0] * self.kernel_size[1]))
 
     def forward(self, x: Tensor, routing_weights: Tensor | None = None) -> Tensor:
         self._check_input(x)
@@ -240,6 +265,10 @@ class DynamicConv2d(DynamicConvBase):
         reduction: the routing MLP's hidden width is ``max(in_channels // reduction, 4)``. Default 4.
         temperature: softmax temperature, a buffer; anneal it with :class:`condconv.TemperatureSchedule`. Default 1.
         strategy: execution strategy; ``None`` follows the global default.
+        init: ``'default'`` or ``'official'``. DynamicConv has no official code: ``'official'`` is the
+            initialisation of the official code of its successor ODConv (OSVAI/ODConv ``modules/odconv.py``): each
+            expert He normal with the fan-out of one expert, ``kaiming_normal_(weight[i], mode='fan_out')``; zero
+            biases; the attention He normal fan-out with zero biases (:class:`condconv.SoftmaxRouter`).
 
     Shape:
         ``forward(x, routing_weights=None)``: ``(B, C_in, H, W)`` -> ``(B, C_out, H_out, W_out)``.
@@ -248,11 +277,11 @@ class DynamicConv2d(DynamicConvBase):
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *,
                  num_experts: int = 4, reduction: int = 4, temperature: float = 1.0,
-                 strategy: str | None = None) -> None:
+                 strategy: str | None = None, init: str = "default") -> None:
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
-                         padding_mode, device, dtype, num_experts=num_experts, strategy=strategy)
+                         padding_mode, device, dtype, num_experts=num_experts, strategy=strategy, init=init)
         self.router = SoftmaxRouter(in_channels, num_experts, reduction=reduction, temperature=temperature,
-                                    device=device, dtype=dtype)
+                                    init=init, device=device, dtype=dtype)
 
     def forward(self, x: Tensor, routing_weights: Tensor | None = None) -> Tensor:
         self._check_input(x)
@@ -287,8 +316,13 @@ class ODConv2d(DynamicConvBase):
         reduction: attention trunk width relative to ``in_channels``. Default 1/16.
         min_channels: smallest attention trunk width. Default 16.
         temperature: attention temperature, a buffer. Default 1.
-        norm: trunk normalisation, ``'layer'`` (default, works at batch size 1), ``'batch'`` or ``'none'``.
+        norm: trunk normalisation, ``'layer'`` (default, works at batch size 1), ``'batch'`` (the official code's
+            ``BatchNorm2d``, same parameters) or ``'none'``.
         strategy: execution strategy; ``None`` follows the global default.
+        init: ``'default'`` or ``'official'``, as OSVAI/ODConv ``modules/odconv.py`` does: each expert
+            ``kaiming_normal_(weight[i], mode='fan_out', nonlinearity='relu')`` (std ``sqrt(2 / (out_channels * kh
+            * kw))``, per expert, so the 5-D bank does not get a wrong fan); zero biases (the official layer has
+            none); attention trunk and heads He normal fan-out with zero biases (:class:`condconv.OmniRouter`).
 
     Shape:
         ``forward(x)``: ``(B, C_in, H, W)`` -> ``(B, C_out, H_out, W_out)``.
@@ -297,12 +331,12 @@ class ODConv2d(DynamicConvBase):
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *,
                  num_experts: int = 4, reduction: float = 1 / 16, min_channels: int = 16, temperature: float = 1.0,
-                 norm: str = "layer", strategy: str | None = None) -> None:
+                 norm: str = "layer", strategy: str | None = None, init: str = "default") -> None:
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
-                         padding_mode, device, dtype, num_experts=num_experts, strategy=strategy)
+                         padding_mode, device, dtype, num_experts=num_experts, strategy=strategy, init=init)
         self.router = OmniRouter(in_channels, out_channels, self.kernel_size, groups, num_experts,
                                  reduction=reduction, min_channels=min_channels, temperature=temperature, norm=norm,
-                                 device=device, dtype=dtype)
+                                 init=init, device=device, dtype=dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
@@ -344,7 +378,8 @@ def make_conv2d(conv: str, in_channels: int, out_channels: int, kernel_size, str
     Args:
         conv: ``'static'`` (a plain :class:`torch.nn.Conv2d`), ``'condconv'``, ``'dynamic'`` or ``'odconv'``.
         num_experts: experts of a dynamic layer; ``None`` takes the layer's default. Ignored for ``'static'``.
-        **layer_kwargs: further arguments of the chosen layer (``padding_mode``, ``routing``, ``temperature``...).
+        **layer_kwargs: further arguments of the chosen layer (``padding_mode``, ``routing``, ``temperature``,
+            ``init='default'|'official'``...); the dynamic-only ones are ignored for ``'static'``.
     """
     if conv == "static":
         layer_kwargs = {k: v for k, v in layer_kwargs.items() if k in ("padding_mode", "device", "dtype")}

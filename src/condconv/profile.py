@@ -20,6 +20,14 @@ Conventions (one multiply-add = one MAC, counted for one image):
 So a per-channel scaling or an average of a feature map counts like the depthwise convolution it is; with it
 EfficientNet-B0 counts 390.5M (the official 391M) instead of 385.8M for its convolutions alone.
 
+These are the ``convention='default'`` rules, the CondConv paper's (and the ones its figures, DynamicConv's and the
+ODConv paper's DynamicConv rows fit). ``convention='odconv'`` changes one rule, for ODConv layers only: the kernel
+is formed as the official ODConv code (OSVAI/ODConv ``modules/odconv.py``, ``ODConv2d._forward_impl_common``)
+computes it, ``spatial_attention * kernel_attention * weight`` then a sum over the E experts, counted one
+multiply-add per element-wise multiply and one per accumulation: ``2 * E * params(one expert)``, and nothing for a
+1x1 layer with a single expert (``_forward_impl_pw1x`` uses the kernel as it is); the channel attentions on the
+input and output maps count as before. :data:`PAPER_CONVENTIONS` records which convention each paper's table fits.
+
 Parameters are every parameter of the model (all experts included), each counted once, in the category of the
 module that owns it. Counting uses forward hooks on one batch-1 forward pass without gradients; built on the
 ``meta`` device a model is counted without allocating its weights (the ``condconv macs`` command does so).
@@ -46,6 +54,8 @@ __all__ = [
     "ModuleCost",
     "MacReport",
     "count_macs",
+    "CONVENTIONS",
+    "PAPER_CONVENTIONS",
     "PAPER_FIGURES",
     "PaperFigure",
 ]
@@ -53,6 +63,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 CATEGORIES = ("conv", "routing", "mixing", "other")
+CONVENTIONS = ("default", "odconv")
+#: The counting convention under which each paper's cost table is reproduced (see the module docstring).
+PAPER_CONVENTIONS = {"condconv": "default", "dynamic": "default", "odconv": "odconv"}
 _AVG_POOLS = (nn.AdaptiveAvgPool2d, nn.AvgPool2d)
 
 
@@ -122,12 +135,16 @@ def _conv_macs(module: nn.Module, output: torch.Tensor) -> int:
     return output[0].numel() * (module.in_channels // module.groups) * kh * kw
 
 
-def _dynamic_macs(layer: DynamicConvBase, inputs: torch.Tensor, output: torch.Tensor) -> dict[str, int]:
+def _dynamic_macs(layer: DynamicConvBase, inputs: torch.Tensor, output: torch.Tensor,
+                  convention: str = "default") -> dict[str, int]:
     expert = layer.weight[0].numel() + (layer.bias.shape[1] if layer.bias is not None else 0)
     mixing = layer.num_experts * expert
     router = layer.router
     if isinstance(router, OmniRouter):
-        if router.spatial is not None:
+        if convention == "odconv":  # the official code's kernel: multiply by the attentions, sum over experts
+            pointwise_single = layer.num_experts == 1 and layer.kernel_size == (1, 1)
+            mixing = 0 if pointwise_single else 2 * layer.num_experts * layer.weight[0].numel()
+        elif router.spatial is not None:
             mixing += layer.weight[0].numel()
         if router.in_channel is not None:
             mixing += inputs[0].numel()
@@ -157,12 +174,15 @@ def _categorise(model: nn.Module) -> dict[int, str]:
 
 
 @torch.no_grad()
-def count_macs(model: nn.Module, input_size: Sequence[int] = (3, 224, 224)) -> MacReport:
+def count_macs(model: nn.Module, input_size: Sequence[int] = (3, 224, 224), *,
+               convention: str = "default") -> MacReport:
     """Count multiply-adds (per image) and parameters of ``model`` with the CondConv paper's conventions.
 
     Args:
         model: any module taking one ``(B, C, H, W)`` tensor; its training mode is restored afterwards.
         input_size: ``(C, H, W)`` of one image. Default ``(3, 224, 224)``.
+        convention: ``'default'`` (the CondConv paper's) or ``'odconv'`` (ODConv layers' kernel counted as the
+            official ODConv code forms it); see the module docstring and :data:`PAPER_CONVENTIONS`.
 
     Returns:
         A :class:`MacReport` (see the module docstring for what each category holds).
@@ -172,12 +192,14 @@ def count_macs(model: nn.Module, input_size: Sequence[int] = (3, 224, 224)) -> M
     size = tuple(input_size)
     if len(size) != 3 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size):
         raise ValueError(f"input_size must be three positive ints (channels, height, width), got {input_size!r}")
+    if convention not in CONVENTIONS:
+        raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
     category = _categorise(model)
     macs: dict[int, dict[str, int]] = {}
 
     def hook(module: nn.Module, inputs: tuple, output) -> None:
         if isinstance(module, DynamicConvBase):
-            counted = _dynamic_macs(module, inputs[0], output)
+            counted = _dynamic_macs(module, inputs[0], output, convention)
         elif isinstance(module, nn.Conv2d):
             counted = {category[id(module)]: _conv_macs(module, output)}
         elif isinstance(module, nn.Linear):

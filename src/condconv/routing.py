@@ -9,6 +9,10 @@
 
 Temperatures are buffers (saved in ``state_dict``, changed in place so compiled graphs are not re-traced);
 :func:`set_temperature` sets them all and :class:`TemperatureSchedule` gives the papers' 30 -> 1 annealing.
+
+Every router takes ``init='default'`` (PyTorch's ``nn.Linear`` initialisation) or ``init='official'`` (what the
+papers' code does; see each class): the official initialisers were read in tensorflow/tpu
+``models/official/efficientnet/efficientnet_model.py`` (CondConv) and OSVAI/ODConv ``modules/odconv.py`` (ODConv).
 """
 
 from __future__ import annotations
@@ -41,6 +45,23 @@ def _check_dropout(value: object) -> float:
     return probability(value, "dropout")
 
 
+INITS = ("default", "official")
+
+
+def _check_init(value: object) -> str:
+    if value not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {value!r}")
+    return value
+
+
+def _he_fan_out(layers) -> None:
+    """ODConv's attention initialisation: He normal with fan-out (``std = sqrt(2 / out_features)``), zero biases."""
+    for layer in layers:
+        nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
+        if layer.bias is not None:
+            nn.init.zeros_(layer.bias)
+
+
 def _pooled(x: Tensor) -> Tensor:
     if x.dim() != 4:
         raise ValueError(f"router input must be 4-D (batch, channels, height, width), got shape {tuple(x.shape)}")
@@ -53,15 +74,23 @@ class SigmoidRouter(nn.Module):
     Args:
         in_channels: channels of the input it routes on.
         num_experts: number of experts.
-        dropout: dropout on the pooled routing input (the official code's ``dropout_rate``). Default 0.
+        dropout: dropout on the pooled routing input, an option of this library (the official EfficientNet-CondConv
+            code routes on the pooled input directly, without dropout). Default 0.
+        init: ``'default'`` (``nn.Linear``'s) or ``'official'``: Glorot-uniform weights and zero bias, the defaults
+            of the ``tf.layers.Dense(num_experts, activation=sigmoid)`` routing layer of the official code
+            (tensorflow/tpu ``models/official/efficientnet/efficientnet_model.py``, ``MBConvBlock._build``).
     """
 
-    def __init__(self, in_channels: int, num_experts: int, dropout: float = 0.0, *, device=None, dtype=None) -> None:
+    def __init__(self, in_channels: int, num_experts: int, dropout: float = 0.0, *, init: str = "default",
+                 device=None, dtype=None) -> None:
         super().__init__()
         self.in_channels = _positive_int(in_channels, "in_channels")
         self.num_experts = _positive_int(num_experts, "num_experts")
         self.dropout = nn.Dropout(_check_dropout(dropout))
         self.fc = nn.Linear(in_channels, num_experts, device=device, dtype=dtype)
+        if _check_init(init) == "official":
+            nn.init.xavier_uniform_(self.fc.weight)
+            nn.init.zeros_(self.fc.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         """``x``: ``(B, C, H, W)`` -> routing ``(B, num_experts)`` in (0, 1)."""
@@ -88,10 +117,14 @@ class SoftmaxRouter(nn.Module):
             ``None`` for a single linear layer.
         temperature: softmax temperature (a buffer). Default 1.
         dropout: dropout on the pooled routing input. Default 0.
+        init: ``'default'`` (``nn.Linear``'s) or ``'official'``: He normal with fan-out and zero biases. DynamicConv
+            has no official code; this is the attention initialisation of its successor's official code (OSVAI/ODConv
+            ``modules/odconv.py``, ``Attention._initialize_weights``), which the DynamicConv re-implementation that
+            code credits (kaijieshi7/Dynamic-convolution-Pytorch) also uses for its attention.
     """
 
     def __init__(self, in_channels: int, num_experts: int, *, reduction: int | None = None, temperature: float = 1.0,
-                 dropout: float = 0.0, device=None, dtype=None) -> None:
+                 dropout: float = 0.0, init: str = "default", device=None, dtype=None) -> None:
         super().__init__()
         self.in_channels = _positive_int(in_channels, "in_channels")
         self.num_experts = _positive_int(num_experts, "num_experts")
@@ -106,6 +139,8 @@ class SoftmaxRouter(nn.Module):
             self.hidden = nn.Sequential(nn.Linear(in_channels, width, **factory), nn.ReLU(inplace=True))
             self.fc = nn.Linear(width, num_experts, **factory)
         self.register_buffer("temperature", torch.tensor(_check_temperature(temperature), device=device, dtype=dtype))
+        if _check_init(init) == "official":
+            _he_fan_out([m for m in self.modules() if isinstance(m, nn.Linear)])
 
     def forward(self, x: Tensor) -> Tensor:
         """``x``: ``(B, C, H, W)`` -> routing ``(B, num_experts)``, rows summing to 1."""
@@ -158,11 +193,15 @@ class OmniRouter(nn.Module):
         temperature: a buffer. Default 1.
         norm: ``'layer'`` (default; works for any batch size, batch 1 in training included), ``'batch'``
             (the reference code's BatchNorm, which fails in training at batch size 1) or ``'none'``.
+        init: ``'default'`` (``nn.Linear``'s) or ``'official'``: trunk and heads He normal with fan-out, zero
+            biases, norm to identity, as ``Attention._initialize_weights`` in OSVAI/ODConv ``modules/odconv.py``
+            (its 1x1 convolutions on the pooled input are these linear layers; fan-out = output features).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, int], groups: int = 1,
                  num_experts: int = 4, *, reduction: float = 1 / 16, min_channels: int = 16,
-                 temperature: float = 1.0, norm: str = "layer", device=None, dtype=None) -> None:
+                 temperature: float = 1.0, norm: str = "layer", init: str = "default", device=None,
+                 dtype=None) -> None:
         super().__init__()
         _positive_int(in_channels, "in_channels")
         _positive_int(out_channels, "out_channels")
@@ -189,6 +228,8 @@ class OmniRouter(nn.Module):
         self.out_channel = None if depthwise else nn.Linear(hidden, out_channels, **factory)
         self.expert = nn.Linear(hidden, num_experts, **factory) if num_experts > 1 else None
         self.register_buffer("temperature", torch.tensor(_check_temperature(temperature), device=device, dtype=dtype))
+        if _check_init(init) == "official":
+            _he_fan_out([self.fc, *self._heads()])  # the norm layers start as the identity already
 
     def _heads(self) -> list[nn.Linear]:
         return [h for h in (self.spatial, self.in_channel, self.out_channel, self.expert) if h is not None]

@@ -3,17 +3,18 @@
 Every convolution of a block comes from :func:`condconv.make_conv2d` through a :class:`ConvSpec`, so each
 architecture gains its CondConv (Yang et al., "CondConv: Conditionally Parameterized Convolutions for Efficient
 Inference", NeurIPS 2019, arXiv:1904.04971), DynamicConv (arXiv:1912.03458) and ODConv (arXiv:2209.07947) variants
-without being rewritten. A model is ``stem -> blocks -> head_conv -> pool -> classifier`` (:class:`ConvNet`);
-the families only describe their stages as data and choose which blocks are dynamic.
+without being rewritten. A model is ``stem -> blocks -> head_conv -> pool -> [pre-logits] -> classifier``
+(:class:`ConvNet`); the families describe their stages as data (:mod:`condconv.models.architecture`) and choose
+which blocks are dynamic.
 """
 
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
-import torch
 from torch import Tensor, nn
 
 from condconv._checks import positive_int, probability
@@ -27,19 +28,17 @@ __all__ = [
     "make_divisible",
     "ConvBnAct",
     "SqueezeExcite",
+    "SEStyle",
+    "SE_DEFAULT",
     "MBConv",
     "BasicBlock",
     "Bottleneck",
     "ClassifierHead",
     "ConvNet",
+    "INIT_SCHEMES",
     "make_conv_spec",
     "resolve_dynamic_blocks",
     "check_width",
-    "Placement",
-    "MBStage",
-    "ResStage",
-    "scale_stages",
-    "Architecture",
 ]
 
 ActLayer = Callable[[], nn.Module]
@@ -96,7 +95,8 @@ class ConvSpec:
         if not self.shares_routing:
             return None
         experts = self.num_experts or inspect.signature(CondConv2d).parameters["num_experts"].default
-        return SigmoidRouter(in_channels, experts, self.layer_kwargs.get("routing_dropout", 0.0))
+        return SigmoidRouter(in_channels, experts, self.layer_kwargs.get("routing_dropout", 0.0),
+                             init=self.layer_kwargs.get("init", "default"))
 
 
 STATIC = ConvSpec()
@@ -156,7 +156,8 @@ def resolve_dynamic_blocks(num_blocks: int, dynamic_blocks: int | str | Sequence
 
 
 def _conv(layer: nn.Module, x: Tensor, routing: Tensor | None) -> Tensor:
-    return layer(x) if routing is None else layer(x, routing_weights=routing)
+    # a block's shared routing goes to its CondConv layers only (a static shortcut takes none)
+    return layer(x) if routing is None or not isinstance(layer, CondConv2d) else layer(x, routing_weights=routing)
 
 
 class ConvBnAct(nn.Module):
@@ -177,17 +178,48 @@ class ConvBnAct(nn.Module):
 
 
 class SqueezeExcite(nn.Module):
-    """Squeeze-and-excitation: ``x * sigmoid(W2 act(W1 GAP(x)))`` with static 1x1 convolutions."""
+    """Squeeze-and-excitation: ``x * gate(W2 act(W1 GAP(x)))`` with static 1x1 convolutions.
 
-    def __init__(self, channels: int, reduced: int, act_layer: ActLayer = nn.ReLU) -> None:
+    Args:
+        channels: channels of the gated map. reduced: width of the bottleneck.
+        act_layer: activation of the bottleneck. Default ReLU.
+        gate_layer: the gate. Default ``nn.Sigmoid`` (MobileNetV3: ``nn.Hardsigmoid``).
+    """
+
+    def __init__(self, channels: int, reduced: int, act_layer: ActLayer = nn.ReLU,
+                 gate_layer: ActLayer = nn.Sigmoid) -> None:
         super().__init__()
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.reduce = nn.Conv2d(channels, reduced, 1)
         self.act = act_layer()
         self.expand = nn.Conv2d(reduced, channels, 1)
+        self.gate = gate_layer()
 
     def forward(self, x: Tensor) -> Tensor:
-        return x * torch.sigmoid(self.expand(self.act(self.reduce(self.pool(x)))))
+        return x * self.gate(self.expand(self.act(self.reduce(self.pool(x)))))
+
+
+@dataclass(frozen=True)
+class SEStyle:
+    """How a family sizes and gates its squeeze-excite (the stage tables give the ratio).
+
+    Attributes:
+        of_hidden: the bottleneck is ``make_divisible(hidden * ratio)`` of the expanded width (MobileNetV3);
+            otherwise ``max(1, int(in_channels * ratio))`` of the block input (EfficientNet, MnasNet).
+        act_layer: bottleneck activation; ``None``: the block's (EfficientNet: SiLU; MobileNetV3: always ReLU).
+        gate_layer: the gate (MobileNetV3: hard-sigmoid).
+    """
+
+    of_hidden: bool = False
+    act_layer: ActLayer | None = None
+    gate_layer: ActLayer = nn.Sigmoid
+
+    def build(self, in_channels: int, hidden: int, ratio: float, block_act: ActLayer) -> SqueezeExcite:
+        reduced = make_divisible(hidden * ratio) if self.of_hidden else max(1, int(in_channels * ratio))
+        return SqueezeExcite(hidden, reduced, self.act_layer or block_act, self.gate_layer)
+
+
+SE_DEFAULT = SEStyle()
 
 
 class _Block(nn.Module):
@@ -212,7 +244,9 @@ class MBConv(_Block):
         kernel_size: depthwise kernel. Default 3.
         stride: depthwise stride. Default 1.
         expand_ratio: hidden channels ``round(in_channels * expand_ratio)``; 1 skips the expansion. Default 6.
-        se_ratio: squeeze-excite width relative to ``in_channels`` (0: no SE). Default 0.
+        hidden_channels: the hidden width itself (MobileNetV3's tables), instead of ``expand_ratio``.
+        se_ratio: squeeze-excite ratio (0: no SE), sized and gated as ``se_style`` says. Default 0.
+        se_style: :class:`SEStyle`. Default: of the block input, sigmoid gate (EfficientNet, MnasNet).
         act_layer: activation class. Default ReLU.
         project_act: activation after the projection too (MobileNetV1). Default False.
         skip: residual connection when stride 1 and ``in_channels == out_channels``. Default True.
@@ -220,14 +254,15 @@ class MBConv(_Block):
     """
 
     def __init__(self, in_channels: int, out_channels: int, *, kernel_size: int = 3, stride: int = 1,
-                 expand_ratio: float = 6.0, se_ratio: float = 0.0, act_layer: ActLayer = nn.ReLU,
-                 project_act: bool = False, skip: bool = True, spec: ConvSpec = STATIC) -> None:
+                 expand_ratio: float = 6.0, hidden_channels: int | None = None, se_ratio: float = 0.0,
+                 se_style: SEStyle = SE_DEFAULT, act_layer: ActLayer = nn.ReLU, project_act: bool = False,
+                 skip: bool = True, spec: ConvSpec = STATIC) -> None:
         super().__init__(in_channels, out_channels, stride, spec)
-        hidden = int(round(in_channels * expand_ratio))
+        hidden = int(round(in_channels * expand_ratio)) if hidden_channels is None else hidden_channels
         self.expand = ConvBnAct(in_channels, hidden, 1, spec=spec, act_layer=act_layer) if hidden != in_channels \
             else None
         self.depthwise = ConvBnAct(hidden, hidden, kernel_size, stride, groups=hidden, spec=spec, act_layer=act_layer)
-        self.se = SqueezeExcite(hidden, max(1, int(in_channels * se_ratio)), act_layer) if se_ratio > 0 else None
+        self.se = se_style.build(in_channels, hidden, se_ratio, act_layer) if se_ratio > 0 else None
         self.project = ConvBnAct(hidden, out_channels, 1, spec=spec, act_layer=act_layer if project_act else None)
         self.has_skip = skip and stride == 1 and in_channels == out_channels
 
@@ -242,12 +277,19 @@ class MBConv(_Block):
 
 
 class _ResidualBlock(_Block):
-    """ResNet block base: ``act(body(x) + shortcut(x))`` with a 1x1 projection shortcut when the shape changes."""
+    """ResNet block base: ``act(body(x) + shortcut(x))`` with a 1x1 projection shortcut when the shape changes.
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int, spec: ConvSpec, act_layer: ActLayer):
+    ``dynamic_shortcut``: the projection shortcut is of the block's kind (True) or a static convolution (False, as
+    the official ODConv code builds it).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, spec: ConvSpec, act_layer: ActLayer,
+                 dynamic_shortcut: bool = True):
         super().__init__(in_channels, out_channels, stride, spec)
-        self.downsample = ConvBnAct(in_channels, out_channels, 1, stride, spec=spec, act_layer=None) \
-            if stride != 1 or in_channels != out_channels else None
+        if not isinstance(dynamic_shortcut, bool):
+            raise TypeError(f"dynamic_shortcut must be a bool, got {dynamic_shortcut!r}")
+        self.downsample = ConvBnAct(in_channels, out_channels, 1, stride, spec=spec if dynamic_shortcut else STATIC,
+                                    act_layer=None) if stride != 1 or in_channels != out_channels else None
         self.act = act_layer()
 
     def body(self, x: Tensor, routing: Tensor | None) -> Tensor:
@@ -260,13 +302,13 @@ class _ResidualBlock(_Block):
 
 
 class BasicBlock(_ResidualBlock):
-    """ResNet basic block: two 3x3 convolutions (ResNet-18/34)."""
+    """ResNet basic block: two 3x3 convolutions (ResNet-10/18/34)."""
 
     expansion = 1
 
     def __init__(self, in_channels: int, channels: int, *, stride: int = 1, spec: ConvSpec = STATIC,
-                 act_layer: ActLayer = nn.ReLU) -> None:
-        super().__init__(in_channels, channels, stride, spec, act_layer)
+                 act_layer: ActLayer = nn.ReLU, dynamic_shortcut: bool = True) -> None:
+        super().__init__(in_channels, channels, stride, spec, act_layer, dynamic_shortcut)
         self.conv1 = ConvBnAct(in_channels, channels, 3, stride, spec=spec, act_layer=act_layer)
         self.conv2 = ConvBnAct(channels, channels, 3, spec=spec, act_layer=None)
 
@@ -275,42 +317,70 @@ class BasicBlock(_ResidualBlock):
 
 
 class Bottleneck(_ResidualBlock):
-    """ResNet bottleneck (v1.5: the stride on the 3x3 convolution): 1x1 -> 3x3 -> 1x1 to ``4 * channels``."""
+    """ResNet bottleneck (v1.5: the stride on the 3x3 convolution): 1x1 -> 3x3 -> 1x1 to ``4 * channels``.
+
+    ``stride_on_1x1=True`` gives the original v1 layout (stride on the first 1x1), 6% cheaper for ResNet-50.
+    """
 
     expansion = 4
 
     def __init__(self, in_channels: int, channels: int, *, stride: int = 1, spec: ConvSpec = STATIC,
-                 act_layer: ActLayer = nn.ReLU) -> None:
-        super().__init__(in_channels, channels * self.expansion, stride, spec, act_layer)
-        self.conv1 = ConvBnAct(in_channels, channels, 1, spec=spec, act_layer=act_layer)
-        self.conv2 = ConvBnAct(channels, channels, 3, stride, spec=spec, act_layer=act_layer)
+                 act_layer: ActLayer = nn.ReLU, dynamic_shortcut: bool = True, stride_on_1x1: bool = False) -> None:
+        super().__init__(in_channels, channels * self.expansion, stride, spec, act_layer, dynamic_shortcut)
+        first, middle = (stride, 1) if stride_on_1x1 else (1, stride)
+        self.conv1 = ConvBnAct(in_channels, channels, 1, first, spec=spec, act_layer=act_layer)
+        self.conv2 = ConvBnAct(channels, channels, 3, middle, spec=spec, act_layer=act_layer)
         self.conv3 = ConvBnAct(channels, channels * self.expansion, 1, spec=spec, act_layer=None)
 
     def body(self, x: Tensor, routing: Tensor | None) -> Tensor:
         return self.conv3(self.conv2(self.conv1(x, routing), routing), routing)
 
 
+def _pointwise(in_features: int, out_features: int, spec: ConvSpec) -> nn.Module:
+    """A layer on pooled features: ``nn.Linear``, or a 1x1 dynamic convolution with bias (its own router)."""
+    return spec.per_layer().conv2d(in_features, out_features, 1, bias=True) if spec.dynamic \
+        else nn.Linear(in_features, out_features)
+
+
+def _on_pooled(layer: nn.Module, x: Tensor) -> Tensor:
+    """``x`` ``(B, C, 1, 1)`` -> ``(B, C_out)``."""
+    return layer(x.flatten(1)) if isinstance(layer, nn.Linear) else layer(x).flatten(1)
+
+
 class ClassifierHead(nn.Module):
-    """Global average pooling -> dropout -> classifier.
+    """Global average pooling -> [pre-logits layer -> activation] -> dropout -> classifier.
 
     A static classifier is an ``nn.Linear``; a dynamic one is a 1x1 dynamic convolution (with its own router) on
-    the pooled ``(B, C, 1, 1)`` features, as in the CondConv paper.
+    the pooled ``(B, C, 1, 1)`` features, as in the CondConv paper. The optional pre-logits layer (MobileNetV3's
+    1x1 convolution without BatchNorm after the pooling) is built the same way, with its own ``hidden_spec``.
+
+    Args:
+        in_features: channels of the pooled map. num_classes: outputs. dropout: before the classifier.
+        spec: the classifier's convolution (``STATIC``: ``nn.Linear``).
+        hidden: width of the pre-logits layer, or ``None``. hidden_act: its activation. hidden_spec: its kind.
     """
 
-    def __init__(self, in_features: int, num_classes: int, dropout: float = 0.0, spec: ConvSpec = STATIC) -> None:
+    def __init__(self, in_features: int, num_classes: int, dropout: float = 0.0, spec: ConvSpec = STATIC,
+                 hidden: int | None = None, hidden_act: ActLayer = nn.Hardswish,
+                 hidden_spec: ConvSpec = STATIC) -> None:
         super().__init__()
         self.pool = nn.AdaptiveAvgPool2d(1)
+        self.pre_logits = self.pre_logits_act = None
+        if hidden is not None:
+            self.pre_logits = _pointwise(in_features, positive_int(hidden, "hidden"), hidden_spec)
+            self.pre_logits_act = hidden_act()
+            in_features = hidden
         self.dropout = nn.Dropout(dropout)
-        self.fc = spec.per_layer().conv2d(in_features, num_classes, 1, bias=True) if spec.dynamic \
-            else nn.Linear(in_features, num_classes)
+        self.fc = _pointwise(in_features, num_classes, spec)
 
     def forward(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        """``x``: ``(B, C, H, W)`` -> logits ``(B, num_classes)`` (pooled features ``(B, C)`` if ``pre_logits``)."""
+        """``x``: ``(B, C, H, W)`` -> logits ``(B, num_classes)`` (the classifier's input if ``pre_logits``)."""
         x = self.pool(x)
+        if self.pre_logits is not None:
+            x = self.pre_logits_act(_on_pooled(self.pre_logits, x))[:, :, None, None]
         if pre_logits:
             return x.flatten(1)
-        x = self.dropout(x)
-        return self.fc(x.flatten(1)) if isinstance(self.fc, nn.Linear) else self.fc(x).flatten(1)
+        return _on_pooled(self.fc, self.dropout(x))
 
 
 @dataclass(frozen=True)
@@ -350,17 +420,21 @@ class ConvNet(nn.Module):
         nominal_strides: the same for the ImageNet layout; the feature levels end where the nominal reduction
             reaches 2, 4, 8, 16, 32 (so ``*_cifar`` models keep the levels of their ImageNet sibling).
         head_conv: the 1x1 convolution before pooling, or ``None``.
-        num_features: channels entering the classifier.
+        num_features: channels of the pooled map.
         num_classes: classifier outputs.
         dropout: dropout before the classifier.
         classifier_spec: ``STATIC`` for an ``nn.Linear`` classifier, else the dynamic classifier's spec.
         features_only: drop the head; ``forward`` returns the list of the five feature maps.
+        head_options: more :class:`ClassifierHead` arguments (``hidden``, ``hidden_act``, ``hidden_spec``: a
+            pre-logits layer; then :attr:`num_features` is its width, the classifier's input).
+        init_scheme: initialisation of the static layers (:data:`INIT_SCHEMES`); dynamic layers and routers keep
+            their own. Default ``'torch'``.
     """
 
     def __init__(self, *, stem: nn.Module, blocks: Sequence[nn.Module], channels: Sequence[int],
                  strides: Sequence[int], nominal_strides: Sequence[int], head_conv: nn.Module | None,
                  num_features: int, num_classes: int, dropout: float, classifier_spec: ConvSpec,
-                 features_only: bool) -> None:
+                 features_only: bool, head_options: dict | None = None, init_scheme: str = "torch") -> None:
         super().__init__()
         positive_int(num_classes, "num_classes")
         probability(dropout, "dropout")
@@ -374,11 +448,12 @@ class ConvNet(nn.Module):
             self.head_conv, self.head = nn.Identity(), None
             self.num_features = self.feature_info[-1].channels
         else:
+            head_options = dict(head_options or {})
             self.head_conv = head_conv if head_conv is not None else nn.Identity()
-            self.head = ClassifierHead(num_features, num_classes, dropout, classifier_spec)
-            self.num_features = num_features
+            self.head = ClassifierHead(num_features, num_classes, dropout, classifier_spec, **head_options)
+            self.num_features = head_options.get("hidden") or num_features
         self.num_classes = num_classes
-        _init_weights(self)
+        _init_weights(self, init_scheme)
 
     @staticmethod
     def _levels(channels, strides, nominal_strides) -> tuple[list[FeatureInfo], list[int]]:
@@ -424,11 +499,23 @@ class ConvNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def _init_weights(model: nn.Module) -> None:
-    """He (fan-out) init for static convolutions, N(0, 0.01) for linear layers, BN to identity.
+INIT_SCHEMES = ("torch", "tf")
 
-    Dynamic layers and routers keep their own initialisation.
+
+def _init_weights(model: nn.Module, scheme: str = "torch") -> None:
+    """Initialise the static layers; dynamic layers and routers keep their own initialisation.
+
+    ``'torch'`` (torchvision's, and the official ODConv code's ``models/resnet.py``, ``od_resnet.py``,
+    ``od_mobilenetv2.py``): convolutions He normal fan-out (``out_channels * kh * kw``), biases zero; linear layers
+    N(0, 0.01), zero bias; BatchNorm to the identity.
+    ``'tf'`` (the official EfficientNet-CondConv and MnasNet code, tensorflow/tpu ``efficientnet_model.py``,
+    ``mnasnet_model.py``): convolutions ``conv_kernel_initializer``, a normal of std ``sqrt(2 / fan_out)`` with
+    TensorFlow's fan-out ``kh * kw * out_channels / groups`` (``kh * kw`` for a depthwise kernel), biases zero;
+    linear layers ``dense_kernel_initializer``, uniform in ``+-1 / sqrt(out_features)``, zero bias; BatchNorm to
+    the identity.
     """
+    if scheme not in INIT_SCHEMES:
+        raise ValueError(f"init_scheme must be one of {INIT_SCHEMES}, got {scheme!r}")
     own = set()
     for module in model.modules():
         if isinstance(module, (DynamicConvBase, *ROUTERS)):
@@ -437,183 +524,20 @@ def _init_weights(model: nn.Module) -> None:
         if id(module) in own:
             continue
         if isinstance(module, nn.Conv2d):
-            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            if scheme == "tf":
+                fan_out = module.out_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+                nn.init.normal_(module.weight, 0.0, math.sqrt(2.0 / fan_out))
+            else:
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.BatchNorm2d):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, 0.0, 0.01)
+            if scheme == "tf":
+                bound = 1.0 / math.sqrt(module.out_features)
+                nn.init.uniform_(module.weight, -bound, bound)
+            else:
+                nn.init.normal_(module.weight, 0.0, 0.01)
             nn.init.zeros_(module.bias)
-
-
-@dataclass(frozen=True)
-class MBStage:
-    """A stage of :class:`MBConv` blocks (MobileNetV1/V2, MnasNet, EfficientNet tables).
-
-    Attributes:
-        channels: output channels. repeats: blocks. stride: stride of the first block.
-        kernel_size, expand_ratio, se_ratio, skip, project_act: as :class:`MBConv`.
-    """
-
-    channels: int
-    repeats: int
-    stride: int
-    kernel_size: int = 3
-    expand_ratio: float = 6.0
-    se_ratio: float = 0.0
-    skip: bool = True
-    project_act: bool = False
-
-    def block(self, in_channels: int, stride: int, spec: ConvSpec, act_layer: ActLayer) -> MBConv:
-        return MBConv(in_channels, self.channels, kernel_size=self.kernel_size, stride=stride,
-                      expand_ratio=self.expand_ratio, se_ratio=self.se_ratio, act_layer=act_layer,
-                      project_act=self.project_act, skip=self.skip, spec=spec)
-
-
-@dataclass(frozen=True)
-class ResStage:
-    """A ResNet stage: ``repeats`` blocks of ``block_type`` with ``channels`` (bottleneck) width."""
-
-    block_type: type
-    channels: int
-    repeats: int
-    stride: int
-
-    def block(self, in_channels: int, stride: int, spec: ConvSpec, act_layer: ActLayer) -> nn.Module:
-        return self.block_type(in_channels, self.channels, stride=stride, spec=spec, act_layer=act_layer)
-
-
-def scale_stages(stages: Sequence[MBStage | ResStage], width_mult: float, divisor: int = 8) -> list:
-    """The table with every stage's channels multiplied by ``width_mult`` (rounded by :func:`make_divisible`)."""
-    return [replace(s, channels=make_divisible(s.channels * width_mult, divisor)) for s in stages]
-
-
-@dataclass(frozen=True)
-class Placement:
-    """A family's default placement of dynamic layers (the paper's).
-
-    Attributes:
-        blocks: the last ``blocks`` blocks are dynamic.
-        head: the 1x1 head convolution is dynamic.
-        classifier: the classifier is dynamic (a 1x1 dynamic convolution on the pooled features).
-        shared_routing: CondConv routing computed once per block and shared by its convolutions.
-    """
-
-    blocks: int
-    head: bool = False
-    classifier: bool = False
-    shared_routing: bool = False
-
-    @classmethod
-    def last_stages(cls, stages: Sequence[MBStage | ResStage], count: int, **kwargs) -> Placement:
-        """The placement making the blocks of the last ``count`` stages dynamic."""
-        return cls(blocks=sum(s.repeats for s in stages[len(stages) - count:]), **kwargs)
-
-
-def _optional_bool(value: object, default: bool, name: str) -> bool:
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool or None, got {value!r}")
-    return value
-
-
-@dataclass(frozen=True)
-class Architecture:
-    """A family's architecture as data; :meth:`build` makes the model.
-
-    Attributes:
-        stages: the stage table (channels at width 1).
-        placement: the default placement of dynamic layers (the paper's).
-        stem_channels: channels of the 3x3 (or ``stem_kernel``) stride-2 stem convolution. Default 32.
-        stem_kernel: stem kernel size for 224x224 inputs; ``small_stem_kernel`` for 32x32 ones. Default 3.
-        stem_pool: a 3x3 stride-2 max-pool after the stem (ResNet). Default False.
-        head_channels: a 1x1 convolution to this width before pooling, or ``None``.
-        head_min_width: the head is scaled by ``max(width_mult, head_min_width)`` (MobileNetV2 keeps 1280).
-        act_layer: activation class. Default ReLU.
-        dropout: default dropout before the classifier. Default 0.
-    """
-
-    stages: tuple[MBStage | ResStage, ...]
-    placement: Placement
-    stem_channels: int = 32
-    stem_kernel: int = 3
-    small_stem_kernel: int = 3
-    stem_pool: bool = False
-    head_channels: int | None = None
-    head_min_width: float = 0.0
-    act_layer: ActLayer = nn.ReLU
-    dropout: float = 0.0
-
-    def build(self, *, small_input: bool = False, width_mult: float = 1.0, dropout: float | None = None,
-              num_classes: int = 1000, in_chans: int = 3, conv: str = "static", num_experts: int | None = None,
-              dynamic_blocks: int | str | Sequence[int] | None = None, dynamic_head: bool | None = None,
-              dynamic_classifier: bool | None = None, shared_routing: bool | None = None,
-              conv_kwargs: dict | None = None, features_only: bool = False) -> ConvNet:
-        """Build the model.
-
-        Args:
-            small_input: 32x32 inputs (the ``*_cifar`` variants): stride 1 in the stem and in the next stride-2
-                unit (max-pool or first strided block), so the last feature map is 4x4 (total stride 8, not 32).
-            width_mult: channel multiplier of stem, stages and head (rounded to multiples of 8). Default 1.
-            dropout: dropout before the classifier (``None``: the family's default).
-            num_classes: classifier outputs. Default 1000.
-            in_chans: input channels. Default 3.
-            conv: ``'static'``, ``'condconv'``, ``'dynamic'`` or ``'odconv'``: the kind of the dynamic layers.
-            num_experts: experts per dynamic layer (``None``: the layer's default).
-            dynamic_blocks: which blocks are dynamic: ``None`` (the paper's placement), an int ``n`` (the last
-                ``n``), ``'all'`` or a sequence of block indices.
-            dynamic_head: whether the 1x1 head convolution is dynamic (``None``: the family default).
-            dynamic_classifier: whether the classifier is dynamic (``None``: the family default).
-            shared_routing: CondConv only: one routing per block shared by its convolutions (``None``: the family
-                default).
-            conv_kwargs: further keyword arguments of the dynamic layers.
-            features_only: no head; ``forward`` returns the five feature maps (see :attr:`ConvNet.feature_info`).
-        """
-        positive_int(in_chans, "in_chans")
-        if not isinstance(small_input, bool):
-            raise TypeError(f"small_input must be a bool, got {small_input!r}")
-        width_mult = check_width(width_mult)
-        placement = self.placement
-        spec = make_conv_spec(conv, num_experts, _optional_bool(shared_routing, placement.shared_routing,
-                                                                "shared_routing"), conv_kwargs)
-        stages = scale_stages(self.stages, width_mult)
-        dynamic = resolve_dynamic_blocks(sum(s.repeats for s in stages), dynamic_blocks, placement.blocks)
-        head_spec = spec.per_layer() if _optional_bool(dynamic_head, placement.head, "dynamic_head") else STATIC
-        classifier_spec = spec if _optional_bool(dynamic_classifier, placement.classifier, "dynamic_classifier") \
-            else STATIC
-
-        block_stages = [stage for stage in stages for _ in range(stage.repeats)]
-        block_strides = [stage.stride if r == 0 else 1 for stage in stages for r in range(stage.repeats)]
-        nominal = [2] * (2 if self.stem_pool else 1) + block_strides
-        strides = list(nominal)
-        if small_input:  # the first two stride-2 units (stem, then max-pool or first strided block) keep stride 1
-            for position in [i for i, stride in enumerate(nominal) if stride == 2][:2]:
-                strides[position] = 1
-
-        stem_channels = make_divisible(self.stem_channels * width_mult)
-        stem = ConvBnAct(in_chans, stem_channels, self.small_stem_kernel if small_input else self.stem_kernel,
-                         strides[0], act_layer=self.act_layer)
-        units: list[nn.Module] = []
-        channels = [stem_channels]
-        if self.stem_pool:
-            units.append(nn.MaxPool2d(3, 2, 1) if strides[1] == 2 else nn.Identity())
-            channels.append(stem_channels)
-        in_ch, first_block = stem_channels, len(nominal) - len(block_stages)
-        for index, stage in enumerate(block_stages):
-            block = stage.block(in_ch, strides[first_block + index], spec if dynamic[index] else STATIC,
-                                self.act_layer)
-            units.append(block)
-            in_ch = block.out_channels
-            channels.append(in_ch)
-        head_conv = None
-        if self.head_channels is not None:
-            head_width = make_divisible(self.head_channels * max(width_mult, self.head_min_width))
-            head_conv = ConvBnAct(in_ch, head_width, 1, spec=head_spec, act_layer=self.act_layer)
-            in_ch = head_width
-        return ConvNet(stem=stem, blocks=units, channels=channels, strides=strides, nominal_strides=nominal,
-                       head_conv=head_conv, num_features=in_ch, num_classes=num_classes,
-                       dropout=self.dropout if dropout is None else dropout, classifier_spec=classifier_spec,
-                       features_only=features_only)

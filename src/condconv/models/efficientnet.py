@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from condconv.models.blocks import Architecture, MBStage, Placement
+from condconv.models.architecture import Architecture, MBStage, Placement
 from condconv.models.registry import register_family
 
 __all__ = ["EFFICIENTNET_B0", "efficientnet_b0", "efficientnet_b0_cifar"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from condconv.models.blocks import Architecture, MBStage, Placement
+from condconv.models.architecture import Architecture, MBStage, Placement
 from condconv.models.registry import register_family
 
 __all__ = ["MNASNET_A1", "mnasnet_a1", "mnasnet_a1_cifar"]

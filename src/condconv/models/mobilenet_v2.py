@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from condconv.models.blocks import Architecture, MBStage, Placement
+from condconv.models.architecture import Architecture, MBStage, Placement
 from condconv.models.registry import register_family
 
 __all__ = ["MOBILENET_V2", "mobilenet_v2", "mobilenet_v2_cifar"]
