@@ -183,3 +183,20 @@ def test_cli_small_inputs_and_modules(capsys):
 def test_cli_errors(argv, message, capsys):
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("paper", ["condconv", "dynamic", "odconv"])
+def test_cli_paper_tables(paper, capsys):
+    assert main(["macs", "--paper", paper]) == 0
+    out = capsys.readouterr().out
+    from condconv.models.presets import list_presets
+
+    assert all(name in out for name in list_presets(paper))
+    assert "NO" not in out.split()  # every figure reproduced or documented
+    assert main(["macs", "--paper", paper, "resnet18"]) == 2
+
+
+def test_cli_counts_a_preset_as_published(capsys):
+    assert main(["macs", "condconv_efficientnet_b0_8e"]) == 0
+    assert "412.0" in capsys.readouterr().out
+    assert main(["macs", "condconv_efficientnet_b0_8e", "--experts", "4"]) == 2

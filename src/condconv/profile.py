@@ -46,6 +46,7 @@ from torch import nn
 
 from condconv.layers import DynamicConvBase
 from condconv.models.blocks import SqueezeExcite
+from condconv.models.presets import PRESETS
 from condconv.routing import ROUTERS, OmniRouter
 
 __all__ = [
@@ -261,21 +262,30 @@ class PaperFigure:
     experts: int
     macs: float
     params: float | None = None
-    source: str = "CondConv paper"
+    source: str = "CondConv paper, Table 2"
     note: str = ""
 
 
-PAPER_FIGURES = (
-    PaperFigure("mobilenet_v1", 1, 567, 4.2),
-    PaperFigure("mobilenet_v1", 8, 600),
-    PaperFigure("mobilenet_v2", 1, 301, 3.4, note="3.4M is the MobileNetV2 paper's 3.47M (weights without BatchNorm) "
-                "cut to one decimal; with BatchNorm 3.50M, as torchvision and timm count"),
-    PaperFigure("mobilenet_v2", 8, 329),
-    PaperFigure("mnasnet_a1", 1, 312, 3.9),
-    PaperFigure("mnasnet_a1", 8, 325),
-    PaperFigure("resnet50", 1, 4093, 25.6),
-    PaperFigure("resnet50", 8, 4213),
-    PaperFigure("efficientnet_b0", 1, 391, 5.3, "official EfficientNet-CondConv README"),
-    PaperFigure("efficientnet_b0", 4, 402, 13.3, "official EfficientNet-CondConv README"),
-    PaperFigure("efficientnet_b0", 8, 413, 24.0, "official EfficientNet-CondConv README"),
-)
+# why a count differs from a static baseline's published figure (the CondConv paper's table)
+_BASELINE_NOTES = {
+    "mobilenet_v2": "3.4M is the MobileNetV2 paper's 3.47M (weights without BatchNorm) cut to one decimal; with "
+                    "BatchNorm 3.50M, as torchvision and timm count",
+}
+
+
+def _condconv_figures() -> tuple[PaperFigure, ...]:
+    """The CondConv paper's table as figures: each architecture's static baseline, then its CondConv models (taken
+    from the paper presets, :mod:`condconv.models.presets`, the one place the published figures are written)."""
+    figures: dict[tuple[str, int], PaperFigure] = {}
+    for preset in PRESETS:
+        if preset.paper != "condconv":
+            continue
+        figures.setdefault((preset.model, 1), PaperFigure(preset.model, 1, preset.baseline_macs, preset.baseline_params,
+                                                          preset.source, _BASELINE_NOTES.get(preset.model, "")))
+        experts = preset.kwargs["num_experts"]
+        figures[(preset.model, experts)] = PaperFigure(preset.model, experts, preset.macs, preset.params, preset.source)
+    return tuple(figures.values())
+
+
+#: The CondConv paper's cost table (static baselines and CondConv models, 224x224, 1000 classes).
+PAPER_FIGURES = _condconv_figures()

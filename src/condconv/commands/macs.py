@@ -14,7 +14,9 @@ from condconv._checks import parse_kwargs
 from condconv.fileio import atomic_output, check_writable
 from condconv.layers import DYNAMIC_KINDS
 from condconv.models import create_model
-from condconv.profile import CATEGORIES, PAPER_FIGURES, PaperFigure, count_macs
+from condconv.models.presets import PAPERS, list_presets
+from condconv.papers import paper_table
+from condconv.profile import CATEGORIES, CONVENTIONS, PAPER_CONVENTIONS, PAPER_FIGURES, PaperFigure, count_macs
 
 HELP = "per-image multiply-adds and parameters of registered models"
 
@@ -23,7 +25,13 @@ logger = logging.getLogger(__name__)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("models", nargs="*", metavar="MODEL",
-                        help="registered model names (default: the paper's table, compared with its figures)")
+                        help="registered model names or paper presets (default: the CondConv paper's table, compared "
+                             "with its figures)")
+    parser.add_argument("--paper", choices=PAPERS, default=None,
+                        help="print a paper's table: every preset of that paper, the paper's figures beside this "
+                             "library's counts under the paper's counting convention")
+    parser.add_argument("--convention", choices=CONVENTIONS, default=None,
+                        help="counting convention (default: 'default'; with --paper, the paper's)")
     parser.add_argument("--experts", type=int, nargs="+", default=None, metavar="E",
                         help="expert counts; 1 is the static baseline (default with MODEL: 1 8)")
     parser.add_argument("--width", type=float, nargs="+", default=None, metavar="W",
@@ -40,6 +48,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _configs(args: argparse.Namespace) -> list[tuple[str, float, int, PaperFigure | None]]:
+    presets = [m for m in args.models if m in list_presets()]
+    if presets and (args.experts is not None or args.width is not None or args.model_kwargs):
+        raise ValueError(f"{presets[0]} is a paper preset (fixed architecture): --experts, --width and --model-kwargs "
+                         "apply to plain model names")
     if not args.models:
         if args.experts is not None or args.width is not None:
             raise ValueError("--experts and --width need MODEL names (without them the paper's table is printed)")
@@ -49,36 +61,55 @@ def _configs(args: argparse.Namespace) -> list[tuple[str, float, int, PaperFigur
     if any(e < 1 for e in experts):
         raise ValueError(f"--experts must be positive ints, got {experts}")
     widths = args.width if args.width is not None else [1.0]
-    return [(m, w, e, None) for m in args.models for w in widths for e in experts]
+    grid = [(w, e) for w in widths for e in experts]
+    return [(m, w, e, None) for m in args.models for w, e in ([(1.0, 0)] if m in presets else grid)]
 
 
 def _millions(value: float) -> str:
     return f"{value / 1e6:.2f}M"
 
 
+def _build(name: str, width: float, experts: int, args: argparse.Namespace, extra: dict):
+    """The configuration on the meta device (shapes only: no weights are allocated)."""
+    kwargs = {"num_classes": args.num_classes}
+    if experts == 0:  # a paper preset, as published
+        pass
+    elif experts > 1:
+        kwargs.update(extra, width_mult=width, conv=args.conv, num_experts=experts)
+    else:  # the static baseline: placement options mean nothing, layer options do not apply
+        kwargs.update({k: v for k, v in extra.items() if k != "conv_kwargs"}, width_mult=width)
+    with torch.device("meta"):
+        return create_model(name, **kwargs)
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    with atomic_output(path) as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    logger.info("wrote %s", path)
+
+
 def run(args: argparse.Namespace) -> int:
     if args.input_size < 1 or args.num_classes < 1:
         raise ValueError(f"--input-size and --num-classes must be positive, got {args.input_size}, "
                          f"{args.num_classes}")
-    configs = _configs(args)
     if args.csv is not None:
         check_writable(args.csv)
+    if args.paper is not None:
+        return _run_paper(args)
+    configs = _configs(args)
     extra = parse_kwargs(args.model_kwargs)
     clash = sorted(set(extra) & {"width_mult", "num_classes", "conv", "num_experts"})
     if clash:
         raise ValueError(f"--model-kwargs must not set {clash}: use --width, --num-classes, --conv, --experts")
     rows = []
     for name, width, experts, figure in tqdm(configs, desc="counting", leave=False, disable=None):
-        kwargs = {"width_mult": width, "num_classes": args.num_classes}
-        if experts > 1:
-            kwargs.update(extra, conv=args.conv, num_experts=experts)
-        else:  # the static baseline: placement options mean nothing, layer options do not apply
-            kwargs.update({k: v for k, v in extra.items() if k != "conv_kwargs"})
-        with torch.device("meta"):  # shapes only: no weights are allocated
-            model = create_model(name, **kwargs)
-        report = count_macs(model, (3, args.input_size, args.input_size))
-        row = {"model": name, "width": width, "experts": experts, "conv": args.conv if experts > 1 else "static",
-               "params": report.params, "macs": report.macs}
+        model = _build(name, width, experts, args, extra)
+        report = count_macs(model, (3, args.input_size, args.input_size), convention=args.convention or "default")
+        conv = "preset" if experts == 0 else args.conv if experts > 1 else "static"
+        row = {"model": name, "width": width, "experts": experts or "", "conv": conv, "params": report.params,
+               "macs": report.macs}
         row.update({f"{cat}_macs": cost.macs for cat, cost in report.categories.items()})
         row.update({f"{cat}_params": cost.params for cat, cost in report.categories.items()})
         if figure is not None:
@@ -89,11 +120,39 @@ def run(args: argparse.Namespace) -> int:
             print(f"\n{name} width {width} experts {experts}:\n{report.table(args.modules)}\n")
     _print_table(rows)
     if args.csv is not None:
-        with atomic_output(args.csv) as tmp, open(tmp, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        logger.info("wrote %s", args.csv)
+        _write_csv(args.csv, rows)
+    return 0
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:+.2f}%"
+
+
+def _run_paper(args: argparse.Namespace) -> int:
+    """``--paper NAME``: every preset of the paper with its published figures beside this library's counts."""
+    if args.models or args.experts is not None or args.width is not None or args.model_kwargs:
+        raise ValueError("--paper prints a paper's whole table: it takes no MODEL, --experts, --width or "
+                         "--model-kwargs")
+    if args.input_size != 224 or args.num_classes != 1000:
+        raise ValueError("--paper compares with figures for 224x224 inputs and 1000 classes: drop --input-size and "
+                         "--num-classes")
+    convention = args.convention or PAPER_CONVENTIONS[args.paper]
+    rows = paper_table(args.paper, convention=convention)
+    header = ["preset", "params", "paper", "diff", "MACs", "paper", "diff", "rule", "within 0.5% / 2%"]
+    table = []
+    for r in rows:
+        macs = r["compared_macs"]
+        paper_params = "-" if r["paper_params"] is None else f"{r['paper_params']:g}M"
+        paper_macs = "-" if r["paper_macs"] is None else f"{r['paper_macs']:g}M"
+        verdict = "yes" if r["reproduced"] else "no: documented" if r["documented_deviation"] else "NO"
+        table.append([r["preset"], _millions(r["params"]), paper_params, _percent(r["params_diff"]), _millions(macs),
+                      paper_macs, _percent(r["macs_diff"]), r["rule"], verdict])
+    print(f"{args.paper} paper, counted under the '{convention}' convention (224x224, 1000 classes)")
+    _print_aligned(header, table)
+    for note in dict.fromkeys(r["note"] for r in rows if r["note"]):
+        print(f"note: {note}")
+    if args.csv is not None:
+        _write_csv(args.csv, [{k: v for k, v in r.items() if k != "documented_deviation"} for r in rows])
     return 0
 
 

@@ -129,14 +129,15 @@ _DY_MBV2 = ("the same placement (every block convolution; stem, 1x1 head to 1280
             "fewer parameters than the paper's: x0.5 3.946M (the paper's '4.0M' starts at 3.95M), x0.35 2.687M "
             "(2.8M; its increase over the static model +1.01M against the paper's +1.1M), and x0.35 2.2% more "
             "multiply-adds. The paper has no layer table to tell why")
-_OD_V1 = ("the README's ResNet-50/101 figures are counted on the v1 layout (stride on the first 1x1 of the "
-          "bottleneck): its static baselines 3.858G / 7.570G are v1's (v1.5, the official code's layout and this "
+_OD_V1 = ("the official ODConv README's ResNet-50/101 figures are counted on the v1 layout (stride on the first 1x1 of"
+          " the bottleneck): its static baselines 3.858G / 7.570G are v1's (v1.5, the official code's layout and this "
           "library's, counts 4.089G / 7.802G); the multiply-adds are compared on the v1 layout")
-_OD_MBV2 = ("parameters exact. The README's MobileNetV2 multiply-adds are 2.5-5.6% below this library's count of "
-            "the same model (more the narrower the model) under the 'odconv' convention, 0.4-5.8% under 'default' "
-            "(x1.0 1x +3.2%): no one counting rule fits the README's ResNet rows (within 0.7% under 'odconv', whose "
-            "2E multiply-adds per kernel element they need) and its MobileNetV2 rows (whose 1x figures are below even "
-            "the cost of the attentions' pooling and input-channel scaling, 13.2M at x1.0, added to the baseline)")
+_OD_MBV2 = ("parameters exact. The official ODConv README's MobileNetV2 multiply-adds are 2.5-5.6% below this "
+            "library's count of the same model (more the narrower the model) under the 'odconv' convention, 0.4-5.8% "
+            "under 'default' (x1.0 1x +3.2%): no one counting rule fits its ResNet rows (within 0.7% under 'odconv', "
+            'whose 2E multiply-adds per kernel element they need) and its MobileNetV2 rows (whose 1x figures are below'
+            " even the cost of the attentions' pooling and input-channel scaling, 13.2M at x1.0, added to the "
+            'baseline)')
 
 PRESETS: tuple[Preset, ...] = (
     _condconv("condconv_mobilenet_v1_8e", "mobilenet_v1", 8, 600, 4.2, 567),
