@@ -320,3 +320,49 @@ def test_squeeze_excite_default_is_unchanged():
     block = create_model("efficientnet_b0").blocks[1]
     assert isinstance(block.se, SqueezeExcite) and isinstance(block.se.gate, nn.Sigmoid)
     assert isinstance(block.se.act, nn.SiLU) and block.se.reduce.out_channels == 4  # int(16 * 0.25), block input
+
+
+def test_drop_connect_rises_linearly_and_is_the_identity_in_eval():
+    from condconv.models.blocks import DropPath
+
+    torch.manual_seed(0)
+    model = create_model("mobilenet_v2_cifar", num_classes=10, width_mult=0.25, drop_connect_rate=0.4)
+    blocks = list(model.blocks)
+    for index, block in enumerate(blocks):
+        if block.residual and index > 0:  # the first block's rate is 0
+            assert isinstance(block.drop_path, DropPath)
+            assert block.drop_path.rate == pytest.approx(0.4 * index / len(blocks))
+        else:
+            assert isinstance(block.drop_path, nn.Identity)  # no residual branch to drop
+    plain = create_model("mobilenet_v2_cifar", num_classes=10, width_mult=0.25)
+    plain.load_state_dict(model.state_dict())
+    x = torch.randn(4, 3, 32, 32)
+    model.eval(), plain.eval()
+    torch.testing.assert_close(model(x), plain(x), rtol=0, atol=0)
+    model.train()
+    torch.manual_seed(1)
+    a = model(x)
+    torch.manual_seed(2)
+    assert not torch.equal(a, model(x))  # other examples dropped
+
+
+def test_drop_path_keeps_the_expectation():
+    from condconv.models.blocks import DropPath
+
+    torch.manual_seed(0)
+    layer = DropPath(0.25).train()
+    x = torch.ones(20000, 3)
+    out = layer(x)
+    kept = (out[:, 0] != 0).float().mean().item()
+    assert kept == pytest.approx(0.75, abs=0.02) and out[out != 0].unique().tolist() == [pytest.approx(1 / 0.75)]
+
+
+def test_bn_momentum_and_eps_reach_every_batchnorm():
+    model = create_model("resnet18_cifar", num_classes=10, width_mult=0.25, conv="odconv", dynamic_blocks=1,
+                         conv_kwargs={"norm": "batch"}, bn_momentum=0.01, bn_eps=1e-3)
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert any(isinstance(m, nn.BatchNorm1d) for m in norms)  # the ODConv attention's BatchNorm too
+    assert all(m.momentum == 0.01 and m.eps == 1e-3 for m in norms)
+    for bad in ({"bn_momentum": 1.5}, {"bn_eps": 0}, {"drop_connect_rate": 1.0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            create_model("resnet18_cifar", **bad)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 
 from torch import nn
 
-from condconv._checks import positive_int
+from condconv._checks import positive_int, probability
 from condconv.models.blocks import (
     SE_DEFAULT,
     STATIC,
@@ -200,7 +200,9 @@ class Architecture:
               dynamic_blocks: int | str | Sequence[int] | None = None, dynamic_head: bool | None = None,
               dynamic_classifier: bool | None = None, shared_routing: bool | None = None,
               dynamic_shortcut: bool | None = None, dynamic_pre_logits: bool | None = None,
-              conv_kwargs: dict | None = None, init: str = "default", features_only: bool = False) -> ConvNet:
+              conv_kwargs: dict | None = None, init: str = "default", features_only: bool = False,
+              drop_connect_rate: float = 0.0, bn_momentum: float | None = None, bn_eps: float | None = None
+              ) -> ConvNet:
         """Build the model.
 
         Args:
@@ -228,8 +230,19 @@ class Architecture:
                 official EfficientNet-CondConv code), PyTorch's (torchvision's, as the official ODConv code) for
                 DynamicConv and ODConv (see ``blocks._init_weights``). A static model's is PyTorch's either way.
             features_only: no head; ``forward`` returns the five feature maps (see :attr:`ConvNet.feature_info`).
+            drop_connect_rate: drop-connect (stochastic depth) of the residual blocks in training, rising linearly
+                with the block's position as the EfficientNet code does: block ``i`` of ``n`` drops its branch with
+                probability ``drop_connect_rate * i / n``. Default 0 (off).
+            bn_momentum: momentum of every BatchNorm layer, in PyTorch's convention (TensorFlow's 0.99 is 0.01);
+                ``None``: PyTorch's 0.1.
+            bn_eps: epsilon of every BatchNorm layer (``None``: PyTorch's 1e-5; the TensorFlow recipes use 1e-3).
         """
         positive_int(in_chans, "in_chans")
+        probability(drop_connect_rate, "drop_connect_rate")
+        for name, value in (("bn_momentum", bn_momentum), ("bn_eps", bn_eps)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not 0 < value < 1):
+                raise ValueError(f"{name} must be a number in (0, 1) or None, got {value!r}")
         if not isinstance(small_input, bool):
             raise TypeError(f"small_input must be a bool, got {small_input!r}")
         width_mult = check_width(width_mult)
@@ -261,15 +274,21 @@ class Architecture:
         for index, stage in enumerate(block_stages):
             block = stage.block(in_ch, strides[first_block + index], spec if dynamic[index] else STATIC,
                                 self.act_layer, options)
+            block.set_drop_connect(drop_connect_rate * index / len(block_stages))
             units.append(block)
             in_ch = block.out_channels
             channels.append(in_ch)
         head_conv, in_ch, head_options, classifier_spec = self._head(
             in_ch, width_mult, spec, dynamic_head, dynamic_classifier, dynamic_pre_logits)
-        return ConvNet(stem=stem, blocks=units, channels=channels, strides=strides, nominal_strides=nominal,
-                       head_conv=head_conv, num_features=in_ch, num_classes=num_classes,
-                       dropout=self.dropout if dropout is None else dropout, classifier_spec=classifier_spec,
-                       features_only=features_only, head_options=head_options, init_scheme=init_scheme)
+        model = ConvNet(stem=stem, blocks=units, channels=channels, strides=strides, nominal_strides=nominal,
+                        head_conv=head_conv, num_features=in_ch, num_classes=num_classes,
+                        dropout=self.dropout if dropout is None else dropout, classifier_spec=classifier_spec,
+                        features_only=features_only, head_options=head_options, init_scheme=init_scheme)
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.momentum = module.momentum if bn_momentum is None else float(bn_momentum)
+                module.eps = module.eps if bn_eps is None else float(bn_eps)
+        return model
 
     def _head(self, in_ch: int, width_mult: float, spec: ConvSpec, dynamic_head: bool | None,
               dynamic_classifier: bool | None, dynamic_pre_logits: bool | None):

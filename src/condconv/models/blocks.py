@@ -15,6 +15,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
+import torch
 from torch import Tensor, nn
 
 from condconv._checks import positive_int, probability
@@ -222,16 +223,49 @@ class SEStyle:
 SE_DEFAULT = SEStyle()
 
 
+class DropPath(nn.Module):
+    """Drop-connect (stochastic depth) of a residual branch: in training, each example's branch is zeroed with
+    probability ``rate`` and the kept ones are scaled by ``1 / (1 - rate)``; the identity in eval mode.
+
+    As the EfficientNet code's ``drop_connect`` (Huang et al., "Deep Networks with Stochastic Depth", arXiv:1603.09382).
+    """
+
+    def __init__(self, rate: float) -> None:
+        super().__init__()
+        self.rate = probability(rate, "drop_connect_rate")
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.rate == 0.0:
+            return x
+        keep = 1.0 - self.rate
+        mask = torch.empty((x.shape[0],) + (1,) * (x.dim() - 1), dtype=x.dtype, device=x.device).bernoulli_(keep)
+        return x * mask / keep
+
+    def extra_repr(self) -> str:
+        return f"rate={self.rate:g}"
+
+
 class _Block(nn.Module):
-    """Base of the blocks: an optional block router whose routing all the block's convolutions share."""
+    """Base of the blocks: an optional block router whose routing all the block's convolutions share, and the
+    drop-connect of the residual branch (:meth:`set_drop_connect`)."""
 
     def __init__(self, in_channels: int, out_channels: int, stride: int, spec: ConvSpec) -> None:
         super().__init__()
         self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
         self.router = spec.block_router(in_channels)
+        self.drop_path: nn.Module = nn.Identity()
 
     def route(self, x: Tensor) -> Tensor | None:
         return None if self.router is None else self.router(x)
+
+    @property
+    def residual(self) -> bool:
+        """Whether the block adds its input (or a shortcut) to its branch."""
+        return True
+
+    def set_drop_connect(self, rate: float) -> None:
+        """Drop the residual branch with probability ``rate`` in training (blocks without a residual ignore it)."""
+        self.drop_path = DropPath(rate) if rate > 0 and self.residual else nn.Identity()
 
 
 class MBConv(_Block):
@@ -273,7 +307,11 @@ class MBConv(_Block):
         if self.se is not None:
             out = self.se(out)
         out = self.project(out, routing)
-        return out + x if self.has_skip else out
+        return self.drop_path(out) + x if self.has_skip else out
+
+    @property
+    def residual(self) -> bool:
+        return self.has_skip
 
 
 class _ResidualBlock(_Block):
@@ -298,7 +336,7 @@ class _ResidualBlock(_Block):
     def forward(self, x: Tensor) -> Tensor:
         routing = self.route(x)
         shortcut = x if self.downsample is None else self.downsample(x, routing)
-        return self.act(self.body(x, routing) + shortcut)
+        return self.act(self.drop_path(self.body(x, routing)) + shortcut)
 
 
 class BasicBlock(_ResidualBlock):
