@@ -1,0 +1,1 @@
+"""Execution back-ends of the dynamic convolution engine (fused kernels, imported on demand)."""
