@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
-import pytest
+import os
+
 import torch
+
+# Without a GPU the Triton kernels run on CPU tensors through Triton's interpreter, which must be switched on before
+# anything imports Triton (torch._dynamo does): here, before the test modules are imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import condconv.functional as functional

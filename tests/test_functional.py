@@ -15,7 +15,7 @@ import condconv.functional as functional
 import condconv.ops.cpu_tiled as cpu_tiled
 from condconv import STRATEGIES, dynamic_conv2d, mix_kernels, select_strategy, set_default_strategy, use_strategy
 from condconv.functional import get_default_strategy
-from condconv.reference import reference_dynamic_conv2d
+from condconv.reference import reference_dynamic_conv2d, reference_odconv2d
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread", "clean_strategy"),
@@ -648,7 +648,7 @@ def test_bad_strategy_names_rejected_everywhere():
     with pytest.raises(ValueError, match=r"strategy must be one of .*got 'turbo'"):
         set_default_strategy("turbo")
     assert get_default_strategy() == "auto"
-    assert set(STRATEGIES) == set(ALL)
+    assert set(STRATEGIES) == set(ALL) | {"triton"}  # the Triton kernels: tests/test_triton*.py
     assert condconv.use_strategy is use_strategy
 
 
@@ -685,3 +685,35 @@ def test_fused_tiles_over_batch_and_output_channels(monkeypatch, chunk_bytes, ke
     torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
     for g, r in zip(got_grads, ref_grads):
         torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ODConv's channel attentions as engine arguments
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_channel_scales_match_the_odconv_reference(multi_strategy, groups):
+    """``in_scale``/``out_scale`` scale the input and output channels, the bias added after: ODConv's formula."""
+    x, weight, routing, bias, sp, kw = make_case({**CHUNK_CASE, "channels": (4, 6, groups), "padding_mode": "zeros"})
+    batch = x.shape[0]
+    in_scale = torch.rand(batch, 4, dtype=F64) + 0.5
+    out_scale = torch.rand(batch, 6, dtype=F64) + 0.5
+    leaves = _leaves((x, weight, routing, bias, sp, in_scale, out_scale))
+    out = dynamic_conv2d(*leaves[:4], spatial=leaves[4], in_scale=leaves[5], out_scale=leaves[6],
+                         strategy=multi_strategy, **kw)
+    ref_leaves = _leaves((x, weight, routing, bias, sp, in_scale, out_scale))
+    kw_ref = {k: v for k, v in kw.items() if k != "padding_mode"}
+    expected = reference_odconv2d(ref_leaves[0], ref_leaves[1], ref_leaves[2], ref_leaves[4], ref_leaves[5],
+                                  ref_leaves[6], ref_leaves[3], **kw_ref)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-10)
+    cotangent = torch.randn_like(expected)
+    for got, want in zip(_grads(out, leaves, cotangent), _grads(expected, ref_leaves, cotangent)):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+
+
+def test_channel_scales_are_validated():
+    x, weight, routing, bias, sp, kw = make_case(CHUNK_CASE)
+    with pytest.raises(ValueError, match=r"in_scale must have shape \(batch, channels\) = \(3, 4\)"):
+        dynamic_conv2d(x, weight, routing, in_scale=torch.ones(3, 5, dtype=F64), **kw)
+    with pytest.raises(TypeError, match="out_scale must be a torch.Tensor"):
+        dynamic_conv2d(x, weight, routing, out_scale=[1.0], **kw)

@@ -18,6 +18,11 @@ Several mathematically identical strategies compute it; which one is fastest dep
     ``unfold`` (im2col) for larger ones.
 ``single``
     Batch size 1: a plain convolution with the one mixed kernel.
+``triton``
+    Fused Triton kernels (:mod:`condconv.ops.triton_conv`, CUDA; on CPU tensors only under Triton's interpreter):
+    the experts are mixed tile by tile inside an implicit GEMM, forward and backward, ODConv's channel attentions
+    and the mixed bias included, so no per-example kernel is ever stored. ``auto`` does not pick it yet (no GPU
+    measurement was available to say where it wins); force it per layer or with :func:`use_strategy`.
 ``auto``
     Picks one of the above per call from the shapes (see :func:`select_strategy`).
 
@@ -37,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from condconv.ops import cpu_tiled, decomposed
-from condconv.ops.context import autocast_on, is_tracing
+from condconv.ops.context import autocast_dtype, autocast_on, is_exporting, is_tracing
 from condconv.ops.cpu_tiled import clear_workspace
 from condconv.ops.decomposed import mix_kernels
 
@@ -55,7 +60,7 @@ __all__ = [
     "clear_workspace",
 ]
 
-STRATEGIES = ("auto", "grouped", "experts", "bmm", "single")
+STRATEGIES = ("auto", "grouped", "experts", "bmm", "single", "triton")
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
 # The CPU ``bmm`` path runs through a custom autograd function with reused buffers (condconv.ops.cpu_tiled); False
@@ -219,6 +224,18 @@ def _check_tensors(x, weight, routing, bias, spatial) -> None:
         raise ValueError(f"input must be 4-D (batch, channels, height, width), got shape {tuple(x.shape)}")
 
 
+def _check_scales(in_scale: Tensor | None, out_scale: Tensor | None, batch: int, in_channels: int,
+                  out_channels: int) -> None:
+    for name, value, channels in (("in_scale", in_scale, in_channels), ("out_scale", out_scale, out_channels)):
+        if value is None:
+            continue
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(value).__name__}")
+        if tuple(value.shape) != (batch, channels):
+            raise ValueError(f"{name} must have shape (batch, channels) = ({batch}, {channels}), "
+                             f"got {tuple(value.shape)}")
+
+
 def _validate(x: Tensor, weight: Tensor, routing: Tensor, bias: Tensor | None, stride, padding, dilation,
               groups: int, padding_mode: str, spatial: Tensor | None) -> _Call:
     """Check a call's arguments (``ValueError``/``TypeError`` naming the argument) and work out its geometry."""
@@ -268,13 +285,15 @@ def dynamic_conv2d(
     padding_mode: str = "zeros",
     *,
     spatial: Tensor | None = None,
+    in_scale: Tensor | None = None,
+    out_scale: Tensor | None = None,
     strategy: str = "auto",
 ) -> Tensor:
     """Convolution of each example with its own mixture of expert kernels.
 
-    Computes, for every example ``b``: ``conv(x[b], sum_e routing[b, e] * weight[e] * spatial[b]) +
-    sum_e routing[b, e] * bias[e]``, with the semantics of :func:`torch.nn.functional.conv2d` (and of
-    :class:`torch.nn.Conv2d` for ``padding_mode``).
+    Computes, for every example ``b``: ``out_scale[b] * conv(in_scale[b] * x[b], sum_e routing[b, e] * weight[e] *
+    spatial[b]) + sum_e routing[b, e] * bias[e]``, with the semantics of :func:`torch.nn.functional.conv2d` (and of
+    :class:`torch.nn.Conv2d` for ``padding_mode``); the channel scales broadcast over the spatial axes.
 
     Args:
         x: input ``(B, C_in, H, W)``; any memory format.
@@ -283,6 +302,9 @@ def dynamic_conv2d(
         bias: optional per-expert bias ``(E, C_out)``, mixed like the kernels.
         stride, padding, dilation, groups, padding_mode: as in :class:`torch.nn.Conv2d`.
         spatial: optional ``(B, kh, kw)`` per-example multiplier of kernel positions (ODConv's spatial attention).
+        in_scale: optional ``(B, C_in)`` per-example scale of the input channels (ODConv's input-channel attention).
+        out_scale: optional ``(B, C_out)`` per-example scale of the output channels, applied before the bias
+            (ODConv's output-channel attention).
         strategy: one of :data:`STRATEGIES`. ``'auto'`` defers to :func:`use_strategy` if active, else picks from
             the shapes. An explicit strategy is honoured, except that :func:`use_strategy` overrides everything.
 
@@ -291,6 +313,7 @@ def dynamic_conv2d(
     """
     _check_strategy(strategy)
     call = _validate(x, weight, routing, bias, stride, padding, dilation, groups, padding_mode, spatial)
+    _check_scales(in_scale, out_scale, call.batch, call.in_channels, call.out_channels)
     mismatched = routing.dtype != weight.dtype or (spatial is not None and spatial.dtype != weight.dtype)
     if mismatched and not autocast_on(x.device.type):  # the kernels are mixed in the experts' dtype
         routing = routing.to(weight.dtype)
@@ -305,12 +328,39 @@ def dynamic_conv2d(
         chosen = select_strategy(call.batch, call.in_channels, call.out_channels, call.kernel_size, groups,
                                  call.num_experts, call.out_hw, spatial=spatial is not None, device=x.device,
                                  tracing=is_tracing())
+    if chosen == "triton" and is_exporting():  # a file format cannot hold the custom operator
+        chosen = select_strategy(call.batch, call.in_channels, call.out_channels, call.kernel_size, groups,
+                                 call.num_experts, call.out_hw, spatial=spatial is not None, device=x.device,
+                                 tracing=True)
     if chosen == "single" and call.batch != 1:
         raise ValueError(f"strategy='single' needs batch size 1, got {call.batch}")
+    if chosen == "triton":
+        return _triton(x, weight, routing, bias, spatial, in_scale, out_scale, groups, padding_mode, call)
+    if in_scale is not None:
+        x = x * in_scale.to(x.dtype)[:, :, None, None]
     out = _execute(chosen, x, weight, routing, spatial, groups, padding_mode, call)
+    if out_scale is not None:
+        out = out * out_scale.to(out.dtype)[:, :, None, None]
     if bias is not None:
         out = out + torch.matmul(routing, bias).reshape(call.batch, call.out_channels, 1, 1).to(out.dtype)
     return out
+
+
+def _triton(x: Tensor, weight: Tensor, routing: Tensor, bias: Tensor | None, spatial: Tensor | None,
+            in_scale: Tensor | None, out_scale: Tensor | None, groups: int, padding_mode: str, call: _Call) -> Tensor:
+    """The ``triton`` strategy: one fused call, channel scales and bias included."""
+    from condconv.ops import triton_conv
+
+    ok, reason = triton_conv.triton_status(x.device)
+    if not ok:
+        raise RuntimeError(f"strategy='triton' cannot run here: {reason}")
+    pads = call.pads
+    if padding_mode != "zeros" and any(pads):
+        x, pads = F.pad(x, pads, mode=padding_mode), (0, 0, 0, 0)
+    if autocast_on(x.device.type):  # a custom operator is not autocast: compute in the autocast dtype
+        x = x.to(autocast_dtype(x.device.type))
+    return triton_conv.triton_dynamic_conv2d(x, weight, routing, bias, call.stride, pads, call.dilation, groups,
+                                             spatial=spatial, in_scale=in_scale, out_scale=out_scale)
 
 
 def _execute(chosen: str, x: Tensor, weight: Tensor, routing: Tensor, spatial: Tensor | None, groups: int,

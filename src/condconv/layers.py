@@ -118,9 +118,10 @@ class DynamicConvBase(nn.Module):
             raise ValueError(f"routing_weights must have shape (batch, num_experts) = ({batch}, {self.num_experts}), "
                              f"got {tuple(routing.shape)}")
 
-    def _run(self, x: Tensor, routing: Tensor, bias: Tensor | None, spatial: Tensor | None = None) -> Tensor:
+    def _run(self, x: Tensor, routing: Tensor, bias: Tensor | None, spatial: Tensor | None = None, *,
+             in_scale: Tensor | None = None, out_scale: Tensor | None = None) -> Tensor:
         return dynamic_conv2d(x, self.weight, routing, bias, self.stride, self.padding, self.dilation, self.groups,
-                              self.padding_mode, spatial=spatial,
+                              self.padding_mode, spatial=spatial, in_scale=in_scale, out_scale=out_scale,
                               strategy=self.strategy if self.strategy is not None else get_default_strategy())
 
     def _load_static(self, conv: nn.Conv2d, gain: float, perturb: float, generator: torch.Generator | None) -> None:
@@ -342,13 +343,8 @@ class ODConv2d(DynamicConvBase):
         self._check_input(x)
         att = self.router(x)
         routing = att.expert if att.expert is not None else x.new_ones((x.shape[0], 1), dtype=self.weight.dtype)
-        inp = x if att.in_channel is None else x * att.in_channel.to(x.dtype)[:, :, None, None]
-        out = self._run(inp, routing, None, att.spatial)
-        if att.out_channel is not None:
-            out = out * att.out_channel.to(out.dtype)[:, :, None, None]
-        if self.bias is not None:
-            out = out + torch.matmul(routing, self.bias).to(out.dtype)[:, :, None, None]
-        return out
+        # the channel attentions and the bias go to the engine with the kernel: one fused call with 'triton'
+        return self._run(x, routing, self.bias, att.spatial, in_scale=att.in_channel, out_scale=att.out_channel)
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, *, num_experts: int = 4, perturb: float = 0.0,

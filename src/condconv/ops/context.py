@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["is_tracing", "autocast_on", "needs_grad"]
+__all__ = ["is_tracing", "is_exporting", "autocast_on", "autocast_dtype", "needs_grad"]
 
 
 def is_tracing() -> bool:
@@ -21,6 +21,23 @@ def is_tracing() -> bool:
         if getattr(compiler, "is_compiling", lambda: False)():
             return True
     return False
+
+
+def is_exporting() -> bool:
+    """True while the call is traced into a file format (TorchScript, ONNX, ``torch.export``), as opposed to being
+    compiled by ``torch.compile`` (which keeps custom operators such as the Triton kernels)."""
+    if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export():
+        return True
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and getattr(compiler, "is_exporting", lambda: False)())
+
+
+def autocast_dtype(device_type: str) -> torch.dtype:
+    """The dtype autocast casts to on ``device_type``."""
+    try:
+        return torch.get_autocast_dtype(device_type)
+    except (AttributeError, TypeError):  # torch < 2.4
+        return torch.get_autocast_gpu_dtype() if device_type == "cuda" else torch.get_autocast_cpu_dtype()
 
 
 def needs_grad(*tensors: Tensor | None) -> bool:

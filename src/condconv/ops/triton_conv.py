@@ -42,7 +42,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["triton_status", "triton_dynamic_conv2d", "memory_format_of", "output_hw"]
+from condconv.ops.shapes import memory_format_of, output_hw
+
+__all__ = ["triton_status", "triton_dynamic_conv2d"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _OP = "condconv::dynamic_conv2d"
@@ -103,22 +105,6 @@ def _launch():
     from condconv.ops import triton_launch
 
     return triton_launch
-
-
-def memory_format_of(x: Tensor) -> torch.memory_format:
-    """The memory format of an output or gradient made for ``x``: channels_last if ``x`` is (and is not also
-    NCHW-contiguous), else contiguous."""
-    if x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
-        return torch.contiguous_format
-    return torch.channels_last
-
-
-def output_hw(height, width, kh: int, kw: int, stride: Sequence[int], padding: Sequence[int],
-              dilation: Sequence[int]):
-    """``(H_out, W_out)`` for padding ``(left, right, top, bottom)`` (works on symbolic sizes)."""
-    out_h = (height + padding[2] + padding[3] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    out_w = (width + padding[0] + padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    return out_h, out_w
 
 
 # ------------------------------------------------------------------------------------------------ validation

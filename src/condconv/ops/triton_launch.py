@@ -19,7 +19,7 @@ import triton.language as tl
 from torch import Tensor
 
 from condconv.ops import triton_kernels as kern
-from condconv.ops.triton_conv import memory_format_of, output_hw
+from condconv.ops.shapes import memory_format_of, output_hw
 
 __all__ = ["forward", "backward", "interpreted", "INTERPRETER_TILES"]
 
