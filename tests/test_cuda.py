@@ -32,11 +32,32 @@ def test_strategies_match_reference_on_cuda(cfg, strategy):
     torch.testing.assert_close(got.cpu(), ref, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("cfg", CONFIGS)
+def test_triton_strategy_matches_reference_on_cuda(cfg):
+    """The fused kernels in float64 (their broadcast-product path) and float32 (tensor cores, TF32 off)."""
+    pytest.importorskip("triton")
+    cin, cout, k, s, p, g = cfg
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(5, cin, 12, 12, generator=gen, dtype=torch.float64)
+    w = torch.randn(4, cout, cin // g, k, k, generator=gen, dtype=torch.float64)
+    r = torch.rand(5, 4, generator=gen, dtype=torch.float64)
+    b = torch.randn(4, cout, generator=gen, dtype=torch.float64)
+    ref = reference_dynamic_conv2d(x, w, r, b, s, p, 1, g)
+    got = condconv.dynamic_conv2d(x.cuda(), w.cuda(), r.cuda(), b.cuda(), s, p, 1, g, strategy="triton")
+    torch.testing.assert_close(got.cpu(), ref, rtol=1e-10, atol=1e-10)
+    got32 = condconv.dynamic_conv2d(x.float().cuda(), w.float().cuda(), r.float().cuda(), b.float().cuda(), s, p, 1,
+                                    g, strategy="triton")
+    torch.testing.assert_close(got32.cpu().double(), ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("strategy", [None, "triton"])
 @pytest.mark.parametrize("cls", [condconv.CondConv2d, condconv.DynamicConv2d, condconv.ODConv2d])
 @pytest.mark.parametrize("amp_dtype", [torch.bfloat16, torch.float16])
-def test_layers_under_autocast(cls, amp_dtype):
+def test_layers_under_autocast(cls, amp_dtype, strategy):
+    if strategy == "triton":
+        pytest.importorskip("triton")
     torch.manual_seed(0)
-    layer = cls(32, 64, 3, padding=1, num_experts=4).cuda()
+    layer = cls(32, 64, 3, padding=1, num_experts=4, strategy=strategy).cuda()
     x = torch.randn(8, 32, 16, 16, device="cuda")
     ref = layer(x)
     with torch.autocast("cuda", dtype=amp_dtype):
