@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from condconv._checks import OptionError, parse_kwargs
+from condconv._checks import OptionError, flag, parse_kwargs
 from condconv.config import TrainConfig, load_config_file
 from condconv.fileio import check_writable
 from condconv.layers import CONV_KINDS
@@ -18,11 +18,6 @@ from condconv.runtime import AMP_CHOICES
 
 __all__ = ["add_checkpoint_data_arguments", "add_force_argument", "add_training_options", "config_from_args", "flag",
            "new_output", "none_or", "positive_int"]
-
-
-def flag(option: str) -> str:
-    """The command-line flag of an option name (``weight_decay`` -> ``--weight-decay``)."""
-    return "--" + option.replace("_", "-")
 
 
 def positive_int(text: str) -> int:
@@ -173,23 +168,36 @@ def add_training_options(parser: argparse.ArgumentParser, *, include: Iterable[s
     _runtime_and_output(add)
 
 
+# what a run folder's config.yaml records besides the options (derived from the data and the model, or per call)
+_RUN_RECORD = ("model_args", "num_classes", "in_chans", "classes", "mean", "std", "dataset_name", "segments", "convert",
+               "out", "resume")
+
+
+def _file_options(cfg_file: str, names: set[str]) -> dict[str, Any]:
+    """The options of a YAML file (keys with '-' or '_'); a run folder's ``config.yaml`` gives the run's options."""
+    file_values = load_config_file(cfg_file)
+    if "model_args" in file_values:  # a run's config.yaml: its options, without what the run derived from them
+        file_values = {k: v for k, v in file_values.items() if k not in _RUN_RECORD}
+    for k in file_values:
+        if str(k).replace("-", "_") not in names:
+            raise ValueError(f"config file {cfg_file}: unknown option {k!r}")
+    return {str(k).replace("-", "_"): v for k, v in file_values.items()}
+
+
 def config_from_args(args: argparse.Namespace, *, base: Mapping[str, Any] | None = None
                      ) -> tuple[TrainConfig, list[str]]:
     """TrainConfig from defaults <- ``base`` <- ``--config`` file <- given flags; also the explicitly given names.
 
     Raises:
-        OptionError: an invalid value, named by its flag (``--lr must be a positive number, got -1.0``).
+        OptionError: an invalid flag value, named by its flag (``--lr must be a positive number, got -1.0``).
+        ValueError: an invalid value in the ``--config`` file (named by the file and its key).
     """
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     values: dict[str, Any] = dict(base or {})
     explicit: list[str] = list(values)
     cfg_file = getattr(args, "config", None)
     if cfg_file:
-        file_values = load_config_file(cfg_file)
-        for k in file_values:
-            if str(k).replace("-", "_") not in names:
-                raise ValueError(f"config file {cfg_file}: unknown option {k!r}")
-        file_values = {str(k).replace("-", "_"): v for k, v in file_values.items()}
+        file_values = _file_options(cfg_file, names)
         values.update(file_values)
         explicit += list(file_values)
     given = {k: v for k, v in vars(args).items() if k in names}
@@ -200,8 +208,9 @@ def config_from_args(args: argparse.Namespace, *, base: Mapping[str, Any] | None
     try:
         cfg = TrainConfig.from_dict(values, source=str(cfg_file or "options"))
     except OptionError as exc:
-        where = f"{cfg_file}: " if cfg_file and exc.option not in given else ""
-        raise OptionError(exc.option, f"{where}{flag(exc.option)}{exc.detail}") from None
+        if cfg_file and exc.option not in given:
+            raise ValueError(f"config file {cfg_file}: {exc}") from None
+        raise OptionError(exc.option, exc.with_flags()) from None
     except TypeError as exc:
         raise ValueError(f"{cfg_file or 'options'}: {exc}") from exc
     return cfg, sorted(set(explicit))
