@@ -320,10 +320,15 @@ def test_read_only_folder_fails_first_in_one_line(command, args, work, checkpoin
         folder.chmod(0o700)
 
 
-def test_writable_checks_name_what_is_wrong(tmp_path):
+def test_writable_checks_name_what_is_wrong_and_create_nothing(tmp_path, capsys):
     with pytest.raises(OutputError, match=r"^cannot write .*: it is a folder$"):
         check_writable(tmp_path)  # a file to be written that is a folder
     assert str(check_writable(tmp_path / "new" / "x.json")).endswith("x.json")
+    assert main(["train", "--resume", str(tmp_path / "nothing")]) == 2
+    assert _error(capsys, "train").endswith(f"no checkpoint to resume: {tmp_path / 'nothing'} does not exist")
+    assert main(["eval", str(tmp_path / "nothing"), "--json", str(tmp_path / "new" / "eval.json")]) == 2
+    assert _error(capsys, "eval").endswith(f"checkpoint not found: {tmp_path / 'nothing'}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no folder made for an output never written
 
 
 # ------------------------------------------------------------------------------------------------ full disk

@@ -177,28 +177,33 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 
 def check_writable(path: str | os.PathLike, *, folder: bool = False) -> Path:
-    """Fail early, before any work, if ``path`` cannot be written.
+    """Fail early, before any work, if ``path`` cannot be written; creates nothing.
+
+    The folder that will hold the output (or, if it does not exist yet, its nearest existing parent, where it would be
+    created) must be a folder in which a file can be made; an existing file must be writable and not a folder.
 
     Args:
-        path: a file to be written (its folder must be creatable and writable, and an existing file writable), or,
-            with ``folder=True``, a folder to be created or written into.
+        path: a file to be written, or, with ``folder=True``, a folder to be created or written into.
+        folder: ``path`` is a folder.
 
     Returns:
         ``path`` as a :class:`~pathlib.Path`.
 
     Raises:
-        OutputError: the folder cannot be created or written (one line naming it and why).
+        OutputError: it cannot be written (one line naming it and why).
     """
     path = Path(path)
     target = path if folder else path.parent
     target = target if str(target) else Path(".")
+    existing = next((p for p in (target, *target.parents) if p.exists() or p.is_symlink()), Path("."))
+    if not existing.is_dir():
+        raise output_error(path, NotADirectoryError(errno.ENOTDIR, "not a folder"))
     try:
-        target.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".condconv-write-check-", dir=target)
+        fd, probe = tempfile.mkstemp(prefix=".condconv-write-check-", dir=existing)
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        raise output_error(target if folder else path, exc) from None
+        raise output_error(existing if existing == target else path, exc) from None
     if not folder and path.is_dir():
         raise output_error(path, IsADirectoryError(errno.EISDIR, "is a folder"))
     if not folder and path.exists() and not os.access(path, os.W_OK):

@@ -243,6 +243,8 @@ def _run_folder(config: configuration.TrainConfig, explicit: Iterable[str]) -> P
     """The folder a run writes to: ``out``, else the folder of ``resume`` (None: a fresh default folder)."""
     if config.resume and config.resume != "auto" and not ("out" in explicit and config.out):
         source = Path(config.resume)
+        if not source.exists():  # checked before the folder is locked, which would create it
+            raise FileNotFoundError(f"no checkpoint to resume: {source} does not exist")
         if (source / "state.pt").is_file():  # a checkpoint folder: run/checkpoints/step-N
             return source.parent.parent
         return source.parent if source.name == "checkpoints" and (source / "latest").is_file() else source

@@ -17,7 +17,7 @@ from condconv.layers import CONV_KINDS
 from condconv.runtime import AMP_CHOICES
 
 __all__ = ["add_checkpoint_data_arguments", "add_force_argument", "add_training_options", "config_from_args", "flag",
-           "new_output", "none_or", "positive_int"]
+           "new_output", "non_negative_int", "none_or", "positive_int"]
 
 
 def positive_int(text: str) -> int:
@@ -28,6 +28,17 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive int, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse type: an int >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {value}")
     return value
 
 
@@ -44,7 +55,7 @@ def new_output(path: str | os.PathLike, force: bool, *, folder: bool = False) ->
         OutputError: it cannot be written.
     """
     path = Path(path)
-    if path.exists() and not force and (not folder or any(path.iterdir())):
+    if path.exists() and not force and (not folder or (path.is_dir() and any(path.iterdir()))):
         raise FileExistsError(f"{path} already exists: pass --force to overwrite it, or choose another path")
     return check_writable(path, folder=folder)
 
@@ -222,8 +233,8 @@ def add_checkpoint_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", "-d", default=None, help="dataset (default: the checkpoint's)")
     parser.add_argument("--data-dir", default=None, help="CIFAR folder or ImageFolder root (default: the checkpoint's)")
     parser.add_argument("--split", default="test", help="train | test (default: test)")
-    parser.add_argument("--batch-size", "-b", type=int, default=256, help="batch size (default: 256)")
+    parser.add_argument("--batch-size", "-b", type=positive_int, default=256, help="batch size (default: 256)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default: auto)")
-    parser.add_argument("--workers", type=none_or(int), default=None,
+    parser.add_argument("--workers", type=none_or(non_negative_int), default=None,
                         help="DataLoader workers (ImageFolder; default: min(4, CPUs))")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar")
