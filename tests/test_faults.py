@@ -472,3 +472,29 @@ def test_pickles_that_would_run_code_are_refused_in_one_line(tiny_run, tmp_path,
     assert main(["convert", "resnet18_cifar", "--weights", str(evil), "--out", str(tmp_path / "cc")]) == 2
     assert _error(capsys, "convert").startswith(f"condconv convert: error: refusing to load weights file {evil}: ")
     assert not marker.exists()
+
+
+# ------------------------------------------------------------------------------------------------ many processes
+@pytest.mark.slow
+def test_ddp_resume_evaluates_the_epoch_left_unevaluated_on_every_rank(tmp_path):
+    """A 2-process run stops between an epoch's checkpoint and its evaluation (an image fails to decode); once the
+    file is fixed the resumed run evaluates that epoch on both ranks (rank 0 alone would wait forever for rank 1)."""
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("gloo backend not available")
+    data = tmp_path / "data"
+    _image_tree(data, np.random.default_rng(2))
+    bad = data / "val" / "a" / "0.png"
+    good = bad.read_bytes()
+    _truncate(bad)
+    out = tmp_path / "run"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+                "condconv.cli", "train", "--dataset", str(data), "--image-size", "16", "--width", "0.25", "--experts",
+                "2", "--batch-size", "2", "--epochs", "2", "--workers", "0", "--no-progress", "--out", str(out)]
+    first = subprocess.run(torchrun, env=_env(), capture_output=True, text=True, timeout=600)
+    assert first.returncode != 0 and f"cannot decode image file {bad}" in first.stderr
+    assert latest_checkpoint(out).name == "step-00000002"  # epoch 1 (2 steps of 2 x 2 images) was saved
+    bad.write_bytes(good)
+    second = subprocess.run([*torchrun, "--resume"], env=_env(), capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    rows = [line.split(",") for line in (out / "log.csv").read_text().splitlines()[1:]]
+    assert [r[:2] for r in rows] == [["1", "2"], ["2", "4"]] and all(r[7] for r in rows)  # both epochs evaluated
