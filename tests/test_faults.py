@@ -147,6 +147,18 @@ def test_sweep_folder_is_locked_and_a_stale_lock_is_taken_over(tmp_path, capsys,
     assert f"taking over the lock of process {dead.pid}" in caplog.text and "no longer running" in caplog.text
 
 
+def test_a_file_system_without_locks_warns_and_goes_on(tmp_path, monkeypatch, caplog):
+    fcntl = pytest.importorskip("fcntl")
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with caplog.at_level(logging.WARNING, logger="condconv"), folder_lock(tmp_path / "nfs", "run folder") as folder:
+        assert folder == tmp_path / "nfs"
+    assert "cannot lock it" in caplog.text
+
+
 # ------------------------------------------------------------------------------------------------ non-finite values
 def test_exploding_run_never_writes_a_non_finite_checkpoint(tmp_path, capsys):
     out = tmp_path / "run"

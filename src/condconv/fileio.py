@@ -270,6 +270,13 @@ def folder_lock(folder: str | os.PathLike, what: str = "folder") -> Iterator[Pat
         except BlockingIOError:
             raise FolderBusyError(f"{what} {folder} is in use by {_describe_holder(fd)}: wait for it to finish, or "
                                   "use another folder") from None
+        except OSError as exc:  # a file system without locks (some network and FUSE mounts)
+            if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise output_error(path, exc) from None
+            logger.warning("%s %s: cannot lock it (%s): make sure no other process uses it", what, folder,
+                           exc.strerror)
+            yield folder
+            return
         previous = _holder(os.pread(fd, 4096, 0).decode("utf-8", "replace"))
         if previous.get("pid"):  # a holder that did not release cleanly (killed), or a reused PID
             pid = previous["pid"]
