@@ -143,7 +143,7 @@ def test_readme_figures_match_the_commands(readme_run):
     runs = (work / "runs" / "sweep-mobilenet_v1_cifar-digits" / "runs.csv").read_text().splitlines()
     assert len(runs) == 17 and all(row.split(",")[10] == "135" for row in runs[1:])
     size, files = re.search(r"runs/sweep-mobilenet_v1_cifar-digits: ([\d.]+) MB in (\d+) files", sweep).groups()
-    quoted = re.search(r"sweep-mobilenet_v1_cifar-digits/` \(about (\d+) MB in (\d+) files", TEXT)
+    quoted = re.search(r"sweep-mobilenet_v1_cifar-digits/`\s+\(about\s+(\d+)\s+MB\s+in\s+(\d+)\s+files", TEXT)
     assert quoted and int(files) == int(quoted.group(2)) and abs(float(size) - int(quoted.group(1))) <= 1
     # condconv routing: the class dependence rises from the first dynamic layer to the classifier
     routing = _output_of(outputs, "condconv routing runs/digits")
