@@ -1,9 +1,11 @@
-"""Shared fixtures for the engine and layer tests."""
+"""Shared fixtures for the engine and layer tests, and the global state every test starts from."""
 
 from __future__ import annotations
 
 import os
+import random
 
+import numpy as np
 import torch
 
 # Without a GPU the Triton kernels run on CPU tensors through Triton's interpreter, which must be switched on before
@@ -109,3 +111,31 @@ def clean_strategy():
     if stack:
         stack.clear()
     assert not leaked, f"use_strategy left active: {leaked}"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_intra_op_thread():
+    """The whole suite runs with one intra-op thread, whichever tests are selected and in whatever order.
+
+    Float results depend on the thread count (summation order), and so do torch.compile's guards (a changed count
+    recompiles). The suite used to run single-threaded only from the moment ``condconv bench --threads 1``, run
+    in-process by tests/test_bench.py, changed the count for the rest of the process; a run of a subset ran with
+    all cores. Subprocesses started by the tests set ``OMP_NUM_THREADS=1`` for the same reason.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def _same_global_state_for_every_test(_one_intra_op_thread):
+    """Every test starts from the same global state, whatever ran before it: seeded random generators (inputs drawn
+    without a generator would otherwise depend on which tests ran first) and one intra-op thread (put back if a
+    test changed it, as ``condconv bench --threads N`` does for the whole process)."""
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    yield
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)

@@ -2,23 +2,47 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
-__all__ = ["OptionError", "positive_int", "positive_number", "probability", "parse_kwargs"]
+__all__ = ["OptionError", "flag", "positive_int", "positive_number", "probability", "parse_kwargs"]
 
 
 class OptionError(ValueError):
     """An invalid value of a named option (``option``); the command line reports it under its flag.
 
+    The message speaks of arguments (``'lr must be a positive number, got -1'``), as the Python API takes them;
+    :meth:`with_flags` writes the option names in it as command-line flags (``'--lr must be ...'``).
+
     Args:
         option: the option's name (a field or argument name, e.g. ``'weight_decay'``).
         message: the whole message, which starts with the option's name (``'lr must be ..., got -1'``).
+        mentions: other option names the message refers to, also written as flags by :meth:`with_flags`.
     """
 
-    def __init__(self, option: str, message: str) -> None:
+    def __init__(self, option: str, message: str, *, mentions: Sequence[str] = ()) -> None:
         super().__init__(message)
         self.option = option
+        self.mentions = tuple(mentions)
         self.detail = message[len(option):] if message.startswith(option) else f": {message}"
+
+    def with_flags(self) -> str:
+        """The message with ``option`` (its first mention) and every mention of ``mentions`` written as flags
+        (``weight_decay`` -> ``--weight-decay``)."""
+
+        def replace(text: str, names: Sequence[str], count: int = 0) -> str:
+            if not names:
+                return text
+            alternatives = "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True))
+            pattern = rf"(?<![\w\-.=/])({alternatives})(?![\w\-/])"
+            return re.sub(pattern, lambda m: flag(m.group(1)), text, count=count)
+
+        return replace(replace(str(self), [self.option], count=1), [n for n in self.mentions if n != self.option])
+
+
+def flag(option: str) -> str:
+    """The command-line flag of an option name (``weight_decay`` -> ``--weight-decay``)."""
+    return "--" + option.replace("_", "-")
 
 
 def positive_int(value: object, name: str) -> int:

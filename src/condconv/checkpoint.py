@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import shutil
 import tempfile
 import zipfile
@@ -29,7 +30,7 @@ import torch
 from torch import nn
 
 from condconv.convert import apply_conversion
-from condconv.fileio import TMP_PREFIX, OutputError, atomic_write_bytes, fsync_dir, output_error
+from condconv.fileio import TMP_PREFIX, OutputError, atomic_write_bytes, fsync_dir, output_error, public_mode
 from condconv.models import create_model, is_model
 from condconv.runtime import unwrap
 
@@ -144,7 +145,10 @@ def _torch_load(path: Path, what: str) -> Any:
     except pickle.UnpicklingError as exc:
         detail = str(exc).split("\n")[0].strip()
         if "Weights only load failed" in detail or "weights_only" in str(exc):
-            detail = "it holds objects other than tensors, numbers and plain containers, which are never loaded"
+            # torch's message is a paragraph suggesting weights_only=False, which would run the file's code
+            found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+            detail = ("it holds objects other than tensors, numbers and plain containers"
+                      f"{f' ({found.group(1)})' if found else ''}, which are never loaded")
         raise ValueError(f"refusing to load {what} {path}: {detail}") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError) as exc:
         raise ValueError(f"corrupt or unreadable {what} {path}: {str(exc).splitlines()[0] if str(exc) else exc!r}") \
@@ -187,32 +191,37 @@ def latest_checkpoint(path: str | os.PathLike) -> Path | None:
     return target
 
 
-def remove_temporaries(folder: str | os.PathLike) -> int:
-    """Remove the temporary files and folders a crashed writer left in ``folder`` (names starting ``.tmp-``).
+def remove_temporaries(folder: str | os.PathLike, names: tuple[str, ...] | None = None) -> int:
+    """Remove the temporary files and folders a killed writer left in ``folder`` (names starting ``.tmp-``).
 
     Only safe while no other process writes there (a run folder's lock guarantees it). Returns how many went.
+
+    Args:
+        folder: the folder.
+        names: only the temporaries of these files (``.tmp-<name>.*``; default: every ``.tmp-*`` entry).
     """
     folder = Path(folder)
     if not folder.is_dir():
         return 0
+    prefixes = (TMP_PREFIX,) if names is None else tuple(f"{TMP_PREFIX}{n}." for n in names)
     removed = 0
     for p in folder.iterdir():
-        if p.name.startswith(TMP_PREFIX):
+        if p.name.startswith(prefixes):
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
             removed += 1
     return removed
 
 
-def _write_files(folder: Path, files: Mapping[str, bytes]) -> None:
+def _write_files(folder: Path, files: Mapping[str, bytes], final: Path) -> None:
+    """Write and fsync ``files`` into ``folder``; errors name the file by its place in ``final``."""
     for name, data in files.items():
-        path = folder / name
         try:
-            with open(path, "wb") as f:
+            with open(folder / name, "wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
         except OSError as exc:
-            raise output_error(path, exc, sum(len(d) for d in files.values())) from None
+            raise output_error(final / name, exc, sum(len(d) for d in files.values())) from None
     fsync_dir(folder)
 
 
@@ -243,19 +252,19 @@ def write_checkpoint(run_dir: str | os.PathLike, model: nn.Module, state: Mappin
         tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{name}-", dir=ckdir))
     except OSError as exc:
         raise output_error(ckdir, exc) from None
+    final = ckdir / name
     try:
-        _write_files(tmp, files)
-        final = ckdir / name
+        public_mode(tmp, folder=True)
+        _write_files(tmp, files, final)
         if final.exists():  # left by a crashed timeline after the pointer's checkpoint: never the pointer's target
             shutil.rmtree(final)
         os.replace(tmp, final)
         fsync_dir(ckdir)
-    except OutputError:
+    except BaseException as exc:  # a full disk, a write error, Ctrl-C: no half-written folder stays behind
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError) and not isinstance(exc, OutputError):
+            raise output_error(ckdir / name, exc) from None
         raise
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise output_error(ckdir / name, exc) from None
     atomic_write_bytes(ckdir / "latest", (name + "\n").encode())
     _prune(ckdir, step, keep)
     return final

@@ -8,11 +8,13 @@ messages. Imports run one way: engine <- layers <- models <- library services <-
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import logging
 import sys
 
 from condconv import __version__
+from condconv._checks import OptionError
 
 __all__ = ["COMMANDS", "build_parser", "main"]
 
@@ -53,13 +55,28 @@ def build_parser() -> argparse.ArgumentParser:
         description="Conditionally parameterized convolutions: train, evaluate, sweep, count, benchmark, export.",
     )  # fmt: skip
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    parser.set_defaults(_commands={})
     for name, module_name in COMMANDS:
         module = importlib.import_module(module_name)
         command = sub.add_parser(name, help=module.HELP, description=module.HELP, parents=[common],
                                  allow_abbrev=False)
         module.add_arguments(command)
         command.set_defaults(_run=module.run)
+        parser.get_default("_commands")[name] = command
     return parser
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse ``argv``; an unknown flag is reported by its subcommand, with the closest flags it has."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        command = args._commands[args.command]
+        known = [s for action in command._actions for s in action.option_strings if s.startswith("--")]
+        unknown = [e.split("=", 1)[0] for e in extra if e.startswith("-")]
+        close = [m for u in unknown for m in difflib.get_close_matches(u, known, n=2, cutoff=0.75)]
+        hint = f" (did you mean {' or '.join(dict.fromkeys(close))}?)" if close else ""
+        command.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
+    return args
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -70,13 +87,14 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _one_line(exc: BaseException) -> str:
-    lines = [line for line in str(exc).strip().splitlines() if line.strip()] or [type(exc).__name__]
-    return lines[0] if len(lines) <= 3 else f"{lines[0]} (run with -v for the full message)"
+    text = exc.with_flags() if isinstance(exc, OptionError) else str(exc)  # the CLI speaks of flags
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()] or [type(exc).__name__]
+    return lines[0] if len(lines) == 1 else f"{lines[0]} (run with -v for the full message)"
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``condconv`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit code (2 on an error)."""
-    args = build_parser().parse_args(argv)
+    args = _parse(build_parser(), argv)
     verbose = bool(getattr(args, "verbose", False))
     _setup_logging(verbose)
     try:
@@ -88,6 +106,12 @@ def main(argv: list[str] | None = None) -> int:
         if verbose:
             raise
         print(f"condconv {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - anything else is a bug: still one line, the traceback with -v
+        if verbose:
+            raise
+        print(f"condconv {args.command}: error: {type(exc).__name__}: {_one_line(exc)} (unexpected: run with -v for "
+              "the traceback)", file=sys.stderr)
         return 2
     return int(code or 0)
 

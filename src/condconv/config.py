@@ -114,6 +114,11 @@ class TrainConfig:
         "skip_bad_images",
     )  # fmt: skip
 
+    def __post_init__(self) -> None:
+        for name in ("dataset", "data_dir", "init", "out", "resume"):  # paths may be given as Path objects
+            if isinstance(getattr(self, name), os.PathLike):
+                setattr(self, name, os.fspath(getattr(self, name)))
+
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], *, source: str = "config") -> TrainConfig:
         """Build from a mapping; keys may use '-' or '_'. Unknown keys raise ``ValueError`` naming ``source``."""
@@ -149,6 +154,18 @@ class TrainConfig:
             bad("dropout", "in [0, 1) or None")
         if not isinstance(self.model_kwargs, dict):
             bad("model_kwargs", "a dict")
+        if not isinstance(self.dataset, str) or not self.dataset:
+            bad("dataset", "a dataset name or a folder (str)")
+        for name in ("data_dir", "init", "out", "resume"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                bad(name, "a path (str) or None")
+        if self.train_size is not None and not (
+            (_is_int(self.train_size) and self.train_size >= 1)
+            or (isinstance(self.train_size, (float, np.floating)) and 0 < self.train_size <= 1)
+        ):
+            bad("train_size", "a positive int (images), a fraction in (0, 1] or None")
+        if self.image_size is not None and not (_is_int(self.image_size) and self.image_size >= 8):
+            bad("image_size", "an int >= 8 or None")
         for name in ("epochs", "batch_size"):
             if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
                 bad(name, "an int >= 1")

@@ -31,6 +31,7 @@ __all__ = [
     "folder_lock",
     "fsync_dir",
     "output_error",
+    "public_mode",
 ]
 
 logger = logging.getLogger(__name__)
@@ -43,8 +44,28 @@ TMP_PREFIX = ".tmp-"
 class OutputError(OSError):
     """A file or folder could not be written; the message names it and says why, in one line."""
 
+    def __str__(self) -> str:  # the message alone, without OSError's "[Errno N]" prefix and filename suffix
+        return str(self.strerror)
 
-def _describe_os_error(exc: OSError) -> str:
+
+def _file_in_the_way(path: Path) -> Path | None:
+    """The nearest existing ancestor of ``path`` (or ``path`` itself) that is not a folder, if any."""
+    for p in (path, *path.parents):
+        try:
+            if p.exists():
+                return None if p.is_dir() else p
+        except OSError:
+            return None
+    return None
+
+
+def _describe_os_error(exc: OSError, path: Path | None = None) -> str:
+    if exc.errno in (errno.ENOTDIR, errno.EEXIST) and path is not None:
+        blocker = _file_in_the_way(path)
+        if blocker is not None:
+            return f"{blocker} is a file, not a folder"
+    if exc.errno == errno.EISDIR:
+        return "it is a folder"
     if exc.errno == errno.ENOSPC:
         return "no space left on the device"
     if exc.errno in (errno.EACCES, errno.EPERM):
@@ -59,9 +80,9 @@ def _describe_os_error(exc: OSError) -> str:
 def output_error(path: str | os.PathLike, exc: OSError, needed: int | None = None) -> OutputError:
     """An :class:`OutputError` for a failed write of ``path``: what failed and, on a full disk, the space needed."""
     path = Path(path)
-    message = f"cannot write {path}: {_describe_os_error(exc)}"
+    message = f"cannot write {path}: {_describe_os_error(exc, path)}"
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        folder = path.parent if path.parent.exists() else Path(".")
+        folder = next((p for p in path.parents if p.exists()), Path("."))
         with contextlib.suppress(OSError):
             free = shutil.disk_usage(folder).free
             need = f"{needed / 2**20:.1f} MiB needed, " if needed else ""
@@ -85,6 +106,23 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    """The process's umask (read from /proc where possible: setting it to read it is not thread-safe)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)  # pragma: no cover - not Linux
+    os.umask(mask)
+    return mask
+
+
+def public_mode(path: str | os.PathLike, *, folder: bool = False) -> None:
+    """Give a file or folder made by ``tempfile`` (0600 / 0700) the mode a plain ``open``/``mkdir`` would have."""
+    with contextlib.suppress(OSError):
+        os.chmod(path, (0o777 if folder else 0o666) & ~_umask())
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike, *, suffix: str | None = None) -> Iterator[Path]:
     """A temporary path in ``path``'s folder to write to; renamed over ``path`` when the block ends without error.
@@ -105,6 +143,7 @@ def atomic_output(path: str | os.PathLike, *, suffix: str | None = None) -> Iter
     except OSError as exc:
         raise output_error(path, exc) from None
     tmp = Path(name)
+    public_mode(tmp)
     try:
         yield tmp
         with open(tmp, "rb+") as handle:
@@ -138,28 +177,35 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 
 def check_writable(path: str | os.PathLike, *, folder: bool = False) -> Path:
-    """Fail early, before any work, if ``path`` cannot be written.
+    """Fail early, before any work, if ``path`` cannot be written; creates nothing.
+
+    The folder that will hold the output (or, if it does not exist yet, its nearest existing parent, where it would be
+    created) must be a folder in which a file can be made; an existing file must be writable and not a folder.
 
     Args:
-        path: a file to be written (its folder must be creatable and writable, and an existing file writable), or,
-            with ``folder=True``, a folder to be created or written into.
+        path: a file to be written, or, with ``folder=True``, a folder to be created or written into.
+        folder: ``path`` is a folder.
 
     Returns:
         ``path`` as a :class:`~pathlib.Path`.
 
     Raises:
-        OutputError: the folder cannot be created or written (one line naming it and why).
+        OutputError: it cannot be written (one line naming it and why).
     """
     path = Path(path)
     target = path if folder else path.parent
     target = target if str(target) else Path(".")
+    existing = next((p for p in (target, *target.parents) if p.exists() or p.is_symlink()), Path("."))
+    if not existing.is_dir():
+        raise output_error(path, NotADirectoryError(errno.ENOTDIR, "not a folder"))
     try:
-        target.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".condconv-write-check-", dir=target)
+        fd, probe = tempfile.mkstemp(prefix=".condconv-write-check-", dir=existing)
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        raise output_error(target if folder else path, exc) from None
+        raise output_error(existing if existing == target else path, exc) from None
+    if not folder and path.is_dir():
+        raise output_error(path, IsADirectoryError(errno.EISDIR, "is a folder"))
     if not folder and path.exists() and not os.access(path, os.W_OK):
         raise output_error(path, PermissionError(errno.EACCES, "permission denied"))
     return path
@@ -183,6 +229,13 @@ def _holder(text: str) -> dict[str, str]:
     return dict(part.split("=", 1) for part in text.split() if "=" in part)
 
 
+def _describe_holder(fd: int) -> str:
+    holder = _holder(os.pread(fd, 4096, 0).decode("utf-8", "replace"))
+    if not holder.get("pid"):  # it has taken the lock but not written its name yet
+        return "another process"
+    return f"process {holder['pid']} on {holder.get('host', '?')} (since {holder.get('started', '?')})"
+
+
 @contextlib.contextmanager
 def folder_lock(folder: str | os.PathLike, what: str = "folder") -> Iterator[Path]:
     """Hold an exclusive lock on ``folder`` (created if needed) for the duration of the block.
@@ -202,26 +255,34 @@ def folder_lock(folder: str | os.PathLike, what: str = "folder") -> Iterator[Pat
         logger.debug("no fcntl: %s %s is not locked", what, folder)
         yield folder
         return
-    path = folder / ".lock"
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise output_error(folder, exc) from None
+    path = folder / ".lock"
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
     except OSError as exc:
         raise output_error(path, exc) from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = _holder(os.pread(fd, 4096, 0).decode("utf-8", "replace"))
-            who = f"process {holder.get('pid', '?')} on {holder.get('host', '?')} (since {holder.get('started', '?')})"
-            raise FolderBusyError(f"{what} {folder} is in use by {who}: wait for it to finish, or use another "
-                                  "folder") from None
+            raise FolderBusyError(f"{what} {folder} is in use by {_describe_holder(fd)}: wait for it to finish, or "
+                                  "use another folder") from None
+        except OSError as exc:  # a file system without locks (some network and FUSE mounts)
+            if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise output_error(path, exc) from None
+            logger.warning("%s %s: cannot lock it (%s): make sure no other process uses it", what, folder,
+                           exc.strerror)
+            yield folder
+            return
         previous = _holder(os.pread(fd, 4096, 0).decode("utf-8", "replace"))
-        if previous.get("pid"):
-            alive = previous.get("host") == socket.gethostname() and _pid_alive(int(previous["pid"]))
-            logger.warning("%s %s: taking over the lock of process %s on %s, which %s", what, folder,
-                           previous["pid"], previous.get("host", "?"),
-                           "no longer holds it" if alive else "is no longer running")
+        if previous.get("pid"):  # a holder that did not release cleanly (killed), or a reused PID
+            pid = previous["pid"]
+            alive = previous.get("host") == socket.gethostname() and pid.isdigit() and _pid_alive(int(pid))
+            logger.warning("%s %s: taking over the lock of process %s on %s, which %s", what, folder, pid,
+                           previous.get("host", "?"), "no longer holds it" if alive else "is no longer running")
         stamp = _dt.datetime.now().isoformat(timespec="seconds")
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid={os.getpid()} host={socket.gethostname()} started={stamp}\n".encode(), 0)

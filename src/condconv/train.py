@@ -51,6 +51,7 @@ import condconv.config as configuration
 import condconv.evaluate as evaluation
 from condconv import checkpoint as ckpt
 from condconv import layers, runtime
+from condconv._checks import OptionError
 from condconv._deprecated import forwarder
 from condconv.data import ArrayImageDataset, EpochLoader, ImageDataset, build_dataset
 from condconv.fileio import atomic_write_text, folder_lock, output_error
@@ -60,6 +61,9 @@ from condconv.routing import TemperatureSchedule, set_temperature
 __all__ = ["NonFiniteLossError", "TrainProgress", "TrainResult", "train_model"]
 
 logger = logging.getLogger(__name__)
+
+#: The files ``train_model`` writes in a run folder (besides ``checkpoints/``).
+RUN_FILES = ("config.yaml", "log.jsonl", "log.csv", "model.safetensors")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -123,6 +127,14 @@ _CSV_FIELDS = [
 ]  # fmt: skip
 
 
+def _write_if_changed(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically, unless the file already holds exactly that."""
+    with contextlib.suppress(OSError):
+        if path.read_bytes() == text.encode("utf-8"):
+            return
+    atomic_write_text(path, text)
+
+
 class _Logs:
     """JSONL (step and epoch records) + CSV (epoch records) in the run folder; rank 0 only."""
 
@@ -141,15 +153,21 @@ class _Logs:
         """Drop records after ``max_step`` (written after the checkpoint a run resumes from)."""
         if not self.enabled or not self.jsonl.is_file():
             return
-        keep = [json.dumps(r) for r in self._records() if int(r.get("step", 0)) <= max_step]
-        atomic_write_text(self.jsonl, "\n".join(keep) + ("\n" if keep else ""))
+        kept = [r for r in self._records() if int(r.get("step", 0)) <= max_step]
+        _write_if_changed(self.jsonl, "".join(json.dumps(r) + "\n" for r in kept))
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=_CSV_FIELDS, extrasaction="ignore")
         writer.writeheader()
-        for r in self._records():
+        for r in kept:
             if r.get("type") == "epoch":
                 writer.writerow({k: r.get(k, "") for k in _CSV_FIELDS})
-        atomic_write_text(self.csv, buf.getvalue())
+        _write_if_changed(self.csv, buf.getvalue())
+
+    def epoch_record(self, epoch: int, step: int) -> dict[str, Any] | None:
+        """The logged record of ``epoch`` (ending at global step ``step``), if there is one."""
+        found = [r for r in self._records() if r.get("type") == "epoch" and r.get("epoch") == epoch
+                 and r.get("step") == step]
+        return found[-1] if found else None
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -213,15 +231,33 @@ def train_model(
 
 def _default_run_dir(config: configuration.TrainConfig) -> Path:
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{config.model}-{config.conv}-{stamp}"
+    path = Path("runs") / f"{config.model}-{config.conv}-{stamp}"
+    n = 1
+    while path.exists():  # another run started in the same second
+        n += 1
+        path = path.with_name(f"{config.model}-{config.conv}-{stamp}-{n}")
+    return path
+
+
+def _run_folder(config: configuration.TrainConfig, explicit: Iterable[str]) -> Path | None:
+    """The folder a run writes to: ``out``, else the folder of ``resume`` (None: a fresh default folder)."""
+    if config.resume and config.resume != "auto" and not ("out" in explicit and config.out):
+        source = Path(config.resume)
+        if not source.exists():  # checked before the folder is locked, which would create it
+            raise FileNotFoundError(f"no checkpoint to resume: {source} does not exist")
+        if (source / "state.pt").is_file():  # a checkpoint folder: run/checkpoints/step-N
+            return source.parent.parent
+        return source.parent if source.name == "checkpoints" and (source / "latest").is_file() else source
+    if config.resume == "auto" and not config.out:
+        raise OptionError("resume", "resume needs the run folder: pass it as resume or as out", mentions=("out",))
+    return Path(config.out) if config.out else None
 
 
 def _resume_source(config: configuration.TrainConfig) -> Path | None:
+    """The checkpoint a run continues from (None: a fresh run)."""
     if not config.resume:
         return None
     if config.resume == "auto":
-        if not config.out:
-            raise ValueError("resume='auto' needs out (the run folder); or pass the run folder as resume")
         ck = ckpt.latest_checkpoint(config.out)
         if ck is None:
             logger.info("no checkpoint in %s yet: starting fresh", config.out)
@@ -241,18 +277,32 @@ def _merge_resume_config(state: Mapping[str, Any], config: configuration.TrainCo
     for key in explicit:
         new = getattr(config, key)
         if key in merged and merged[key] != new and key not in configuration.TrainConfig.RESUME_MUTABLE:
-            raise ValueError(f"cannot resume {source} with {key}={new!r}: the checkpoint was trained with "
-                             f"{key}={merged[key]!r}")
+            raise OptionError(key, f"{key} cannot change when a run is resumed: {source} was trained with "
+                              f"{key}={merged[key]!r}, got {new!r} (to train a changed copy, start from it with init)",
+                              mentions=("init",))
         merged[key] = new
     done = int(state["epoch"]) + (1 if int(state["step_in_epoch"]) > 0 else 0)
     if "epochs" in explicit and config.epochs < done:
-        raise ValueError(f"cannot resume {source} with epochs={config.epochs}: the run has already trained {done} "
-                         f"epoch(s) of {saved.get('epochs')}; pass epochs >= {done} (more epochs extend the run)")
+        raise OptionError("epochs", f"epochs must be >= {done} to resume {source}: the run has already trained {done} "
+                          f"of its {saved.get('epochs')} epochs (more extend the run; fewer would rewrite its history)")
     if "epochs" in explicit and saved.get("epochs") != config.epochs:
         logger.warning("resuming with epochs=%s instead of %s: the cosine schedule is recomputed for the new "
                        "length from this step on", config.epochs, saved.get("epochs"))
     merged["resume"] = config.resume
     return configuration.TrainConfig.from_dict(merged, source=str(source))
+
+
+def _weights_step(path: Path) -> int | None:
+    """The ``global_step`` recorded in a weights file (None: no such file, or none recorded)."""
+    if not path.is_file():
+        return None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return int((f.metadata() or {}).get("global_step", ""))
+    except Exception:  # noqa: BLE001 - unreadable or without a step: rewrite it
+        return None
 
 
 def _check_finite(model: nn.Module, optimizer: torch.optim.Optimizer) -> str | None:
@@ -270,8 +320,8 @@ def _check_finite(model: nn.Module, optimizer: torch.optim.Optimizer) -> str | N
 def _nonfinite_message(what: str, epoch: int, step: int, run_dir: Path) -> str:
     last = ckpt.latest_checkpoint(run_dir) if run_dir.exists() else None
     return (f"{what} at epoch {epoch + 1}, step {step}: training stopped; last good checkpoint: "
-            f"{last if last is not None else 'none written yet'} (lower lr, set grad_clip, or use bf16 instead of "
-            "fp16 autocast)")
+            f"{last if last is not None else 'none written yet'} (lower the learning rate, clip the gradients, or use "
+            "bf16 instead of fp16 autocast)")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -291,28 +341,29 @@ class _Trainer:
 
     # ---- open the run ----------------------------------------------------------------------------------------
     def run(self) -> TrainResult:
-        resume_ck = _resume_source(self.config)
-        state = weights = None
-        if resume_ck is not None:
-            state = ckpt.read_state(resume_ck / "state.pt")
-            weights, meta = ckpt.read_weights(resume_ck / "model.safetensors")
-            if str(meta.get("global_step")) != str(state.get("global_step")):
-                raise ValueError(f"mismatched checkpoint {resume_ck}: weights are from step "
-                                 f"{meta.get('global_step')}, state from step {state.get('global_step')}")
-            self.config = _merge_resume_config(state, self.config, self.explicit, resume_ck)
-            out = self.config.out if "out" in self.explicit and self.config.out else resume_ck.parent.parent
-            run_dir = Path(out)
-        else:
-            run_dir = Path(runtime.broadcast_object(str(self.config.out or _default_run_dir(self.config)), self.dist))
-        self.run_dir = run_dir
-        self.config = dataclasses.replace(self.config, out=str(run_dir))
+        folder = _run_folder(self.config, self.explicit)
+        if folder is None:
+            folder = _default_run_dir(self.config)
+        self.run_dir = run_dir = Path(runtime.broadcast_object(str(folder), self.dist))
         lock = folder_lock(run_dir, "run folder") if self.dist.main else contextlib.nullcontext()
-        with lock:
+        with lock:  # the checkpoint is read under the lock: no other process prunes or replaces it meanwhile
             if self.dist.main:
+                ckpt.remove_temporaries(run_dir, RUN_FILES)  # files a killed writer left half-written
                 ckpt.remove_temporaries(run_dir / "checkpoints")
-                if state is None and (run_dir / "checkpoints" / "latest").exists():
-                    raise ValueError(f"run folder {run_dir} already holds a checkpoint: resume it (--resume) or "
-                                     "choose another folder (--out)")
+            resume_ck = _resume_source(self.config)
+            state = weights = None
+            if resume_ck is not None:
+                state = ckpt.read_state(resume_ck / "state.pt")
+                weights, meta = ckpt.read_weights(resume_ck / "model.safetensors")
+                if str(meta.get("global_step")) != str(state.get("global_step")):
+                    raise ValueError(f"mismatched checkpoint {resume_ck}: weights are from step "
+                                     f"{meta.get('global_step')}, state from step {state.get('global_step')}")
+                self.config = _merge_resume_config(state, self.config, self.explicit, resume_ck)
+            if (run_dir / "checkpoints" / "latest").exists() and (
+                    resume_ck is None or resume_ck.parent.parent.resolve() != run_dir.resolve()):
+                raise OptionError("out", f"out: run folder {run_dir} already holds a checkpoint: continue it with "
+                                  "resume, or choose another folder", mentions=("resume",))
+            self.config = dataclasses.replace(self.config, out=str(run_dir))
             self.device = runtime.resolve_device(self.config.device, self.dist.local_rank)
             with runtime.run_settings(self.config.seed, device=self.device, deterministic=self.config.deterministic):
                 return self._train(resume_ck, state, weights)
@@ -326,7 +377,10 @@ class _Trainer:
         self._build_optimisation()
         if state is not None:
             self._restore(state, resume_ck)
-        self._open_folder(state is not None)
+        self.first_step = self.global_step
+        if self.start_epoch >= config.epochs:
+            logger.info("%s has already trained its %d epochs: nothing to train", self.run_dir, config.epochs)
+        self._open_folder(resume_ck)
         for epoch in range(self.start_epoch, config.epochs):
             self._train_one_epoch(epoch)
             self.start_step = 0
@@ -339,7 +393,7 @@ class _Trainer:
                                  image_size=config.image_size, seed=config.seed)
         test_ds = build_dataset(config.dataset, "test", data_dir=config.data_dir, image_size=config.image_size,
                                 seed=config.seed)
-        train_ds, test_ds = (self._checked(ds) for ds in (train_ds, test_ds))
+        train_ds, test_ds = self._checked(train_ds, test_ds)
         pin = self.device.type == "cuda"
         self.train_loader = EpochLoader(train_ds, config.batch_size, shuffle=True, seed=config.seed, drop_last=True,
                                         rank=dist.rank, world_size=dist.world_size, num_workers=config.workers,
@@ -349,23 +403,27 @@ class _Trainer:
                                        num_workers=config.workers, pin_memory=pin)
         self.train_ds, self.steps_per_epoch = train_ds, len(self.train_loader)
         if self.steps_per_epoch == 0:
-            raise ValueError(f"batch_size={config.batch_size} x {dist.world_size} process(es) exceeds the "
-                             f"{len(train_ds)} training images")
+            raise OptionError("batch_size", f"batch_size={config.batch_size} x {dist.world_size} process(es) "
+                              f"exceeds the {len(train_ds)} training images")
 
-    def _checked(self, ds: ImageDataset) -> ImageDataset:
-        """``ds`` after opening every image file once (headers only): all unreadable files in one message."""
-        check = getattr(ds, "check_files", None)
-        if check is None:
-            return ds
-        bad = check(progress=self.config.progress and self.dist.main)
-        if not bad:
-            return ds
-        listing = "; ".join(f"{path}: {why}" for path, why in bad[:10]) + (" ..." if len(bad) > 10 else "")
+    def _checked(self, *datasets: ImageDataset) -> list[ImageDataset]:
+        """``datasets`` after opening every image file once (headers only): all unreadable files in one message."""
+        bad = {}
+        for ds in datasets:
+            check = getattr(ds, "check_files", None)
+            if check is not None:
+                bad[ds.split] = check(progress=self.config.progress and self.dist.main)
+        found = [item for files in bad.values() for item in files]
+        if not found:
+            return list(datasets)
+        listing = "; ".join(f"{path}: {why}" for path, why in found[:10]) + (" ..." if len(found) > 10 else "")
+        counts = ", ".join(f"{len(files)} of {len(ds)} {ds.split}" for ds in datasets
+                           for files in [bad.get(ds.split, [])] if files)
         if not self.config.skip_bad_images:
-            raise ValueError(f"{len(bad)} of {len(ds)} {ds.split} images cannot be read: {listing} "
-                             "(fix or remove them, or pass skip_bad_images / --skip-bad-images to go on without them)")
-        logger.warning("leaving out %d unreadable %s image(s): %s", len(bad), ds.split, listing)
-        return ds.without({path for path, _ in bad})
+            raise OptionError("skip_bad_images", f"{len(found)} image file(s) cannot be read ({counts}): {listing} "
+                              "(fix or remove them, or pass skip_bad_images to go on without them)")
+        logger.warning("leaving out %d unreadable image file(s) (%s): %s", len(found), counts, listing)
+        return [ds.without({path for path, _ in bad[ds.split]}) if bad.get(ds.split) else ds for ds in datasets]
 
     # ---- model -----------------------------------------------------------------------------------------------
     def _build_model(self, weights: dict | None, resume_ck: Path | None) -> None:
@@ -376,8 +434,8 @@ class _Trainer:
             args, conversions = dict(init_cfg["model_args"]), init_cfg.get("convert")
             got = (ckpt.config_classes(init_cfg), ckpt.config_in_chans(init_cfg))
             if got != (train_ds.num_classes, train_ds.in_chans):
-                raise ValueError(f"init checkpoint {config.init} has {got[0]} classes and {got[1]} input channels, "
-                                 f"{train_ds.name} has {train_ds.num_classes} and {train_ds.in_chans}")
+                raise OptionError("init", f"init checkpoint {config.init} has {got[0]} classes and {got[1]} input "
+                                  f"channels, {train_ds.name} has {train_ds.num_classes} and {train_ds.in_chans}")
             overridden = [k for k in ("model", "conv", "experts", "width", "dropout", "model_kwargs")
                           if k in self.explicit]
             if overridden and weights is None:
@@ -447,22 +505,28 @@ class _Trainer:
         logger.info("resumed %s at epoch %d, step %d (global step %d)", source, self.start_epoch + 1,
                     self.start_step, self.global_step)
 
-    def _open_folder(self, resumed: bool) -> None:
-        """Logs, segments and ``config.yaml`` of the run folder (rank 0)."""
+    def _open_folder(self, resume_ck: Path | None) -> None:
+        """Logs, segments and ``config.yaml`` of the run folder (written by rank 0, and only where they change)."""
         if not self.segments or self.segments[-1]["epochs"] != self.config.epochs:
             self.segments.append({"epochs": self.config.epochs, "from_step": self.global_step,
                                   "started": _dt.datetime.now().isoformat(timespec="seconds")})
         self.saved_config["segments"] = self.segments
+        forked = resume_ck is not None and resume_ck.parent.parent.resolve() != self.run_dir.resolve()
+        self.saved_config["resume"] = str(resume_ck) if forked else None  # the run continues itself: no record
         self.logs = _Logs(self.run_dir, self.dist.main)
-        if not self.dist.main:
-            return
-        self.logs.truncate(self.global_step if resumed else 0)  # a run that died before its first checkpoint
-        import yaml
+        if self.dist.main:
+            import yaml
 
-        atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(self.saved_config, sort_keys=False))
-        logger.info("%s | %s params | %s", self.train_ds.describe(), f"{self.params:,}", self.device)
+            self.logs.truncate(self.global_step)  # records written after the checkpoint (or before the first one)
+            _write_if_changed(self.run_dir / "config.yaml", yaml.safe_dump(self.saved_config, sort_keys=False))
+            logger.info("%s | %s params | %s", self.train_ds.describe(), f"{self.params:,}", self.device)
         if self.history and self.history[-1].get("pending_eval"):  # stopped between an epoch's save and its eval
-            self._evaluate_epoch(self.history[-1])
+            logged = self.logs.epoch_record(self.history[-1]["epoch"], self.global_step) if self.dist.main else None
+            logged = runtime.broadcast_object(logged, self.dist)
+            if logged is not None and "eval" in logged:  # it was evaluated and logged: take the record as it is
+                self.history[-1] = {k: v for k, v in logged.items() if k != "pending_eval"}
+            else:
+                self._evaluate_epoch(self.history[-1])
 
     # ---- checkpoints -----------------------------------------------------------------------------------------
     def _save(self, epoch: int, step_in_epoch: int) -> None:
@@ -562,9 +626,10 @@ class _Trainer:
         if not pending:
             return
         values = torch.stack([torch.stack([p[0].float(), p[1].float()]) for p in pending]).cpu().tolist()
-        for (loss, correct), (_, _, n) in zip(values, pending):
+        first = self.global_step - len(pending) + 1  # the global step of pending[0]
+        for index, ((loss, correct), (_, _, n)) in enumerate(zip(values, pending)):
             if not math.isfinite(loss):
-                raise NonFiniteLossError(_nonfinite_message(f"non-finite loss ({loss})", epoch, self.global_step,
+                raise NonFiniteLossError(_nonfinite_message(f"non-finite loss ({loss})", epoch, first + index,
                                                             self.run_dir))
             self.epoch_stats["loss_sum"] += loss * n
             self.epoch_stats["correct"] += correct
@@ -636,7 +701,7 @@ class _Trainer:
     # ---- the end ---------------------------------------------------------------------------------------------
     def _finish(self) -> TrainResult:
         final = self.run_dir / "model.safetensors"
-        if self.dist.main:
+        if self.dist.main and not (self.global_step == self.first_step and _weights_step(final) == self.global_step):
             ckpt.save_weights(self.model, final, self.saved_config, global_step=self.global_step)
         last = self.history[-1].get("eval") if self.history else None
         if last is None:

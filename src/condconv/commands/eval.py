@@ -8,6 +8,7 @@ import math
 import sys
 from typing import Any
 
+from condconv.checkpoint import resolve_weights_path
 from condconv.commands.options import add_checkpoint_data_arguments
 from condconv.evaluate import evaluate_checkpoint
 from condconv.fileio import atomic_write_text, check_writable
@@ -36,6 +37,7 @@ def _json_safe(obj: Any) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
+    resolve_weights_path(args.checkpoint)  # a missing checkpoint first: it needs no output
     if args.json and args.json != "-":
         check_writable(args.json)  # before the work, not after it
     res = evaluate_checkpoint(

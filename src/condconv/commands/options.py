@@ -10,19 +10,14 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from condconv._checks import OptionError, parse_kwargs
+from condconv._checks import OptionError, flag, parse_kwargs
 from condconv.config import TrainConfig, load_config_file
 from condconv.fileio import check_writable
 from condconv.layers import CONV_KINDS
 from condconv.runtime import AMP_CHOICES
 
 __all__ = ["add_checkpoint_data_arguments", "add_force_argument", "add_training_options", "config_from_args", "flag",
-           "new_output", "none_or", "positive_int"]
-
-
-def flag(option: str) -> str:
-    """The command-line flag of an option name (``weight_decay`` -> ``--weight-decay``)."""
-    return "--" + option.replace("_", "-")
+           "new_output", "non_negative_int", "none_or", "positive_int"]
 
 
 def positive_int(text: str) -> int:
@@ -33,6 +28,17 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive int, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse type: an int >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {value}")
     return value
 
 
@@ -49,7 +55,7 @@ def new_output(path: str | os.PathLike, force: bool, *, folder: bool = False) ->
         OutputError: it cannot be written.
     """
     path = Path(path)
-    if path.exists() and not force and (not folder or any(path.iterdir())):
+    if path.exists() and not force and (not folder or (path.is_dir() and any(path.iterdir()))):
         raise FileExistsError(f"{path} already exists: pass --force to overwrite it, or choose another path")
     return check_writable(path, folder=folder)
 
@@ -173,23 +179,36 @@ def add_training_options(parser: argparse.ArgumentParser, *, include: Iterable[s
     _runtime_and_output(add)
 
 
+# what a run folder's config.yaml records besides the options (derived from the data and the model, or per call)
+_RUN_RECORD = ("model_args", "num_classes", "in_chans", "classes", "mean", "std", "dataset_name", "segments", "convert",
+               "out", "resume")
+
+
+def _file_options(cfg_file: str, names: set[str]) -> dict[str, Any]:
+    """The options of a YAML file (keys with '-' or '_'); a run folder's ``config.yaml`` gives the run's options."""
+    file_values = load_config_file(cfg_file)
+    if "model_args" in file_values:  # a run's config.yaml: its options, without what the run derived from them
+        file_values = {k: v for k, v in file_values.items() if k not in _RUN_RECORD}
+    for k in file_values:
+        if str(k).replace("-", "_") not in names:
+            raise ValueError(f"config file {cfg_file}: unknown option {k!r}")
+    return {str(k).replace("-", "_"): v for k, v in file_values.items()}
+
+
 def config_from_args(args: argparse.Namespace, *, base: Mapping[str, Any] | None = None
                      ) -> tuple[TrainConfig, list[str]]:
     """TrainConfig from defaults <- ``base`` <- ``--config`` file <- given flags; also the explicitly given names.
 
     Raises:
-        OptionError: an invalid value, named by its flag (``--lr must be a positive number, got -1.0``).
+        OptionError: an invalid flag value, named by its flag (``--lr must be a positive number, got -1.0``).
+        ValueError: an invalid value in the ``--config`` file (named by the file and its key).
     """
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     values: dict[str, Any] = dict(base or {})
     explicit: list[str] = list(values)
     cfg_file = getattr(args, "config", None)
     if cfg_file:
-        file_values = load_config_file(cfg_file)
-        for k in file_values:
-            if str(k).replace("-", "_") not in names:
-                raise ValueError(f"config file {cfg_file}: unknown option {k!r}")
-        file_values = {str(k).replace("-", "_"): v for k, v in file_values.items()}
+        file_values = _file_options(cfg_file, names)
         values.update(file_values)
         explicit += list(file_values)
     given = {k: v for k, v in vars(args).items() if k in names}
@@ -200,8 +219,9 @@ def config_from_args(args: argparse.Namespace, *, base: Mapping[str, Any] | None
     try:
         cfg = TrainConfig.from_dict(values, source=str(cfg_file or "options"))
     except OptionError as exc:
-        where = f"{cfg_file}: " if cfg_file and exc.option not in given else ""
-        raise OptionError(exc.option, f"{where}{flag(exc.option)}{exc.detail}") from None
+        if cfg_file and exc.option not in given:
+            raise ValueError(f"config file {cfg_file}: {exc}") from None
+        raise OptionError(exc.option, exc.with_flags()) from None
     except TypeError as exc:
         raise ValueError(f"{cfg_file or 'options'}: {exc}") from exc
     return cfg, sorted(set(explicit))
@@ -213,8 +233,8 @@ def add_checkpoint_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", "-d", default=None, help="dataset (default: the checkpoint's)")
     parser.add_argument("--data-dir", default=None, help="CIFAR folder or ImageFolder root (default: the checkpoint's)")
     parser.add_argument("--split", default="test", help="train | test (default: test)")
-    parser.add_argument("--batch-size", "-b", type=int, default=256, help="batch size (default: 256)")
+    parser.add_argument("--batch-size", "-b", type=positive_int, default=256, help="batch size (default: 256)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default: auto)")
-    parser.add_argument("--workers", type=none_or(int), default=None,
+    parser.add_argument("--workers", type=none_or(non_negative_int), default=None,
                         help="DataLoader workers (ImageFolder; default: min(4, CPUs))")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar")

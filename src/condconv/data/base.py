@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from condconv._checks import OptionError
+
 __all__ = ["SPLIT_SEED", "ArrayImageDataset", "ImageDataset", "sample_keys", "subset_indices"]
 
 logger = logging.getLogger(__name__)
@@ -201,7 +203,8 @@ def subset_indices(labels: np.ndarray, train_size: int | float | None) -> np.nda
     elif float(train_size).is_integer() and train_size > 0:
         count = int(train_size)
     else:
-        raise ValueError(f"train_size must be a positive int (images) or a fraction in (0, 1], got {train_size}")
+        raise OptionError("train_size", f"train_size must be a positive int (images) or a fraction in (0, 1], got "
+                          f"{train_size}")
     if count >= n:
         if count > n:
             logger.warning("train_size=%s exceeds the %d training images; using all", train_size, n)

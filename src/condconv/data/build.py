@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from condconv._checks import OptionError
 from condconv.data.base import ArrayImageDataset, ImageDataset, subset_indices
 from condconv.data.cifar import CIFAR_LAYOUT, find_cifar, load_cifar
 from condconv.data.digits import DIGITS_MEAN, DIGITS_STD, digits_split, load_digits_arrays
@@ -26,7 +27,7 @@ def _normalize_split(split: str) -> str:
         return "train"
     if s in ("test", "val", "valid", "validation", "eval"):
         return "test"
-    raise ValueError(f"split must be 'train' or 'test' (alias 'val'), got {split!r}")
+    raise OptionError("split", f"split must be 'train' or 'test' (alias 'val'), got {split!r}")
 
 
 def _is_cifar_dir(path: Path) -> str | None:
@@ -71,14 +72,15 @@ def build_dataset(
     if key not in DATASETS:
         path = Path(name)
         if not path.is_dir():
-            raise ValueError(f"dataset must be one of {', '.join(DATASETS)} or an existing folder, got {name!r}")
+            raise OptionError("dataset", f"dataset must be one of {', '.join(DATASETS)} or an existing folder, got "
+                              f"{name!r}")
         data_dir = path
         key = _is_cifar_dir(path) or "imagefolder"
 
     if key == "digits":
         return _digits(split, train_size, augment, seed)
     if data_dir is None:
-        raise ValueError(f"dataset {key!r} needs data_dir (--data-dir)")
+        raise OptionError("data_dir", f"data_dir is needed for dataset {key!r}: the folder of its files")
     data_dir = Path(data_dir)
     if not data_dir.exists():
         raise FileNotFoundError(f"data folder not found: {data_dir}")

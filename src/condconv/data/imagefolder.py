@@ -11,6 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from condconv._checks import OptionError
 from condconv.data.base import ImageDataset, sample_keys
 
 __all__ = ["IMAGE_EXTENSIONS", "IMAGENET_MEAN", "IMAGENET_STD", "ImageFolderDataset"]
@@ -73,7 +74,7 @@ class ImageFolderDataset(ImageDataset):
                 raise ValueError(f"class folder {cdir} has no images with extensions {', '.join(IMAGE_EXTENSIONS)}")
             samples += [(f, ci) for f in found]
         if image_size < 8:
-            raise ValueError(f"image_size must be >= 8, got {image_size}")
+            raise OptionError("image_size", f"image_size must be >= 8, got {image_size}")
         self.root, self.samples, self.classes = root, samples, list(classes)
         self.name, self.split = name, split
         self.in_chans, self.image_size = 3, int(image_size)
