@@ -18,6 +18,7 @@ import numpy as np
 
 from condconv._checks import OptionError
 from condconv.layers import CONV_KINDS
+from condconv.recipes import load_recipe, validate_knobs
 
 __all__ = ["TrainConfig", "load_config_file", "model_args"]
 
@@ -53,8 +54,18 @@ class TrainConfig:
         freeze_bn (BatchNorm layers use running statistics; their affine parameters still train), sync_bn (CUDA).
     Dynamic convolutions:
         temperature_start, temperature_end, temperature_epochs: linear annealing of the routers' softmax
-        temperature over the first ``temperature_epochs`` epochs' iterations. None = 10% of the epochs for
-        'dynamic'/'odconv' and off otherwise; 0 = off.
+        temperature over the first ``temperature_epochs`` epochs' iterations (the papers: 10 epochs). None = 10% of
+        the epochs for 'dynamic'/'odconv' and off otherwise; 0 = off.
+    Recipes (:mod:`condconv.recipes`; each option also works on its own):
+        recipe: name of the recipe the options came from (recorded; :meth:`from_recipe` loads one).
+        global_batch_size: the batch over all processes (set: ``batch_size`` becomes it divided by the processes).
+        optimizer 'rmsprop_tf' (RMSProp with TensorFlow's semantics) with rmsprop_decay, rmsprop_eps; nesterov (SGD:
+        Nesterov or plain momentum); weight_decay_exclude ('norm_and_bias', 'norm' or 'none': what is not decayed);
+        lr_reference_batch (lr is scaled linearly from this global batch to the real one); lr_schedule ('cosine',
+        'step', 'exponential', 'constant', after the warm-up) with lr_milestones (epochs), lr_gamma, lr_decay_epochs,
+        lr_staircase; ema_decay (exponential moving average of the weights, 0 = off; evaluated and saved as the final
+        weights) with ema_warmup; augment ('none', 'autoaugment', 'randaugment') with randaug_layers and
+        randaug_magnitude. Model options of the recipes (drop_connect_rate, bn_momentum, bn_eps) go in model_kwargs.
     Runtime:
         device ('auto', 'cpu', 'cuda', 'cuda:1'), amp ('auto' = bf16 on CUDA, none on CPU; 'none', 'bf16', 'fp16'),
         channels_last (None = on CUDA), seed, deterministic.
@@ -93,6 +104,23 @@ class TrainConfig:
     temperature_start: float = 30.0
     temperature_end: float = 1.0
     temperature_epochs: float | None = None
+    recipe: str | None = None
+    global_batch_size: int | None = None
+    nesterov: bool = True
+    rmsprop_decay: float = 0.9
+    rmsprop_eps: float = 1e-3
+    weight_decay_exclude: str = "norm_and_bias"
+    lr_reference_batch: int | None = None
+    lr_schedule: str = "cosine"
+    lr_milestones: list[float] = field(default_factory=lambda: [30.0, 60.0, 90.0])
+    lr_gamma: float | None = None
+    lr_decay_epochs: float = 2.4
+    lr_staircase: bool = True
+    ema_decay: float = 0.0
+    ema_warmup: bool = True
+    augment: str = "none"
+    randaug_layers: int = 2
+    randaug_magnitude: float = 10.0
     device: str = "auto"
     amp: str = "auto"
     channels_last: bool | None = None
@@ -132,6 +160,15 @@ class TrainConfig:
         cfg = cls(**kwargs)
         cfg.validate()
         return cfg
+
+    @classmethod
+    def from_recipe(cls, name: str | os.PathLike, **overrides: Any) -> TrainConfig:
+        """The options of a recipe (:func:`condconv.recipes.load_recipe`: a packaged name or a YAML file), with
+        ``overrides`` on top; ``recipe`` records the name."""
+        values = load_recipe(name)
+        values.update(overrides)
+        values.setdefault("recipe", str(name))
+        return cls.from_dict(values, source=f"recipe {name}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -179,8 +216,13 @@ class TrainConfig:
         for name in ("keep_checkpoints", "log_every"):
             if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
                 bad(name, "an int >= 1")
-        if self.optimizer not in ("sgd", "adamw"):
-            bad("optimizer", "'sgd' or 'adamw'")
+        if self.optimizer not in ("sgd", "adamw", "rmsprop_tf"):
+            bad("optimizer", "'sgd', 'adamw' or 'rmsprop_tf'")
+        if self.global_batch_size is not None and not (_is_int(self.global_batch_size) and self.global_batch_size >= 1):
+            bad("global_batch_size", "an int >= 1 or None")
+        if self.recipe is not None and not isinstance(self.recipe, str):
+            bad("recipe", "a recipe name or None")
+        validate_knobs(self.to_dict())
         if not (_is_number(self.lr) and self.lr > 0):
             bad("lr", "a positive number")
         for name in ("momentum", "weight_decay", "warmup_epochs", "min_lr", "mixup"):

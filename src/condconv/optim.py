@@ -185,8 +185,10 @@ def scaled_lr(lr: float, batch_size: int, reference_batch: int | None) -> float:
 
 def peak_lr(config: TrainConfig, world_size: int = 1) -> float:
     """The learning rate the optimizer starts from: ``config.lr`` scaled to the global batch
-    (``config.batch_size * world_size``) when ``config.lr_reference_batch`` is set."""
-    return scaled_lr(config.lr, config.batch_size * world_size, getattr(config, "lr_reference_batch", None))
+    (``config.global_batch_size``, else ``config.batch_size * world_size``) when ``config.lr_reference_batch`` is
+    set."""
+    batch = getattr(config, "global_batch_size", None) or config.batch_size * world_size
+    return scaled_lr(config.lr, batch, getattr(config, "lr_reference_batch", None))
 
 
 def build_optimizer(model: nn.Module, config: TrainConfig, *, world_size: int = 1) -> torch.optim.Optimizer:

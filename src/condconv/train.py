@@ -29,11 +29,8 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import csv
 import dataclasses
 import datetime as _dt
-import io
-import json
 import logging
 import math
 import time
@@ -53,10 +50,13 @@ from condconv import checkpoint as ckpt
 from condconv import layers, runtime
 from condconv._checks import OptionError
 from condconv._deprecated import forwarder
+from condconv.augment import build_augment
 from condconv.data import ArrayImageDataset, EpochLoader, ImageDataset, build_dataset
-from condconv.fileio import atomic_write_text, folder_lock, output_error
+from condconv.ema import ModelEma
+from condconv.fileio import folder_lock
 from condconv.optim import build_optimizer, build_scheduler
 from condconv.routing import TemperatureSchedule, set_temperature
+from condconv.runlog import RunLogs, write_if_changed
 
 __all__ = ["NonFiniteLossError", "TrainProgress", "TrainResult", "train_model"]
 
@@ -116,74 +116,6 @@ class TrainProgress:
     @property
     def total_steps(self) -> int:
         return self.epochs * self.steps_per_epoch
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# logs
-# ----------------------------------------------------------------------------------------------------------------
-_CSV_FIELDS = [
-    "epoch", "step", "lr", "temperature", "train_loss", "train_acc", "test_loss", "test_top1", "test_top5",
-    "epoch_seconds", "train_images_per_s",
-]  # fmt: skip
-
-
-def _write_if_changed(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically, unless the file already holds exactly that."""
-    with contextlib.suppress(OSError):
-        if path.read_bytes() == text.encode("utf-8"):
-            return
-    atomic_write_text(path, text)
-
-
-class _Logs:
-    """JSONL (step and epoch records) + CSV (epoch records) in the run folder; rank 0 only."""
-
-    def __init__(self, run_dir: Path, enabled: bool) -> None:
-        self.jsonl, self.csv, self.enabled = run_dir / "log.jsonl", run_dir / "log.csv", enabled
-
-    def _records(self) -> list[dict[str, Any]]:
-        out = []
-        if self.jsonl.is_file():
-            for line in self.jsonl.read_text(encoding="utf-8").splitlines():
-                with contextlib.suppress(json.JSONDecodeError):  # a line cut by a kill
-                    out.append(json.loads(line))
-        return out
-
-    def truncate(self, max_step: int) -> None:
-        """Drop records after ``max_step`` (written after the checkpoint a run resumes from)."""
-        if not self.enabled or not self.jsonl.is_file():
-            return
-        kept = [r for r in self._records() if int(r.get("step", 0)) <= max_step]
-        _write_if_changed(self.jsonl, "".join(json.dumps(r) + "\n" for r in kept))
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=_CSV_FIELDS, extrasaction="ignore")
-        writer.writeheader()
-        for r in kept:
-            if r.get("type") == "epoch":
-                writer.writerow({k: r.get(k, "") for k in _CSV_FIELDS})
-        _write_if_changed(self.csv, buf.getvalue())
-
-    def epoch_record(self, epoch: int, step: int) -> dict[str, Any] | None:
-        """The logged record of ``epoch`` (ending at global step ``step``), if there is one."""
-        found = [r for r in self._records() if r.get("type") == "epoch" and r.get("epoch") == epoch
-                 and r.get("step") == step]
-        return found[-1] if found else None
-
-    def write(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        try:
-            with open(self.jsonl, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
-            if record.get("type") == "epoch":
-                new = not self.csv.is_file()
-                with open(self.csv, "a", encoding="utf-8", newline="") as f:
-                    writer = csv.DictWriter(f, fieldnames=_CSV_FIELDS, extrasaction="ignore")
-                    if new:
-                        writer.writeheader()
-                    writer.writerow({k: record.get(k, "") for k in _CSV_FIELDS})
-        except OSError as exc:
-            raise output_error(self.jsonl.parent / "log.jsonl", exc) from None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -370,6 +302,12 @@ class _Trainer:
 
     def _train(self, resume_ck: Path | None, state: dict | None, weights: dict | None) -> TrainResult:
         config = self.config
+        if config.global_batch_size is not None:  # a recipe's batch over all processes
+            if config.global_batch_size % self.dist.world_size:
+                raise OptionError("global_batch_size", f"global_batch_size={config.global_batch_size} cannot be "
+                                  f"divided among {self.dist.world_size} processes")
+            self.config = config = dataclasses.replace(
+                config, batch_size=config.global_batch_size // self.dist.world_size)
         self.amp_dtype = runtime.amp_dtype(config.amp, self.device)
         self.channels_last = config.channels_last if config.channels_last is not None else self.device.type == "cuda"
         self._build_data()
@@ -394,6 +332,9 @@ class _Trainer:
         test_ds = build_dataset(config.dataset, "test", data_dir=config.data_dir, image_size=config.image_size,
                                 seed=config.seed)
         train_ds, test_ds = self._checked(train_ds, test_ds)
+        # translations and cutouts are in pixels of a 224-pixel image: scaled to the images'
+        train_ds.policy = build_augment(config.augment, randaug_layers=config.randaug_layers,
+                                        randaug_magnitude=config.randaug_magnitude, reference_size=224)
         pin = self.device.type == "cuda"
         self.train_loader = EpochLoader(train_ds, config.batch_size, shuffle=True, seed=config.seed, drop_last=True,
                                         rank=dist.rank, world_size=dist.world_size, num_workers=config.workers,
@@ -470,8 +411,9 @@ class _Trainer:
     # ---- optimisation ----------------------------------------------------------------------------------------
     def _build_optimisation(self) -> None:
         config = self.config
-        self.optimizer = build_optimizer(self.model, config)
-        self.scheduler = build_scheduler(self.optimizer, config, self.steps_per_epoch)
+        self.optimizer = build_optimizer(self.model, config, world_size=self.dist.world_size)
+        self.scheduler = build_scheduler(self.optimizer, config, self.steps_per_epoch, world_size=self.dist.world_size)
+        self.ema = ModelEma(self.model, config.ema_decay, warmup=config.ema_warmup) if config.ema_decay > 0 else None
         fp16 = self.amp_dtype == torch.float16 and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=fp16)
         temp_epochs = config.temperature_epochs
@@ -491,6 +433,10 @@ class _Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None:
+            if not state.get("ema"):
+                raise ValueError(f"checkpoint {source} holds no weight average, but ema_decay={self.config.ema_decay}")
+            self.ema.load_state_dict(state["ema"])
         self.start_epoch, self.start_step = int(state["epoch"]), int(state["step_in_epoch"])
         self.global_step = int(state["global_step"])
         self.history = list(state.get("history", []))
@@ -513,12 +459,12 @@ class _Trainer:
         self.saved_config["segments"] = self.segments
         forked = resume_ck is not None and resume_ck.parent.parent.resolve() != self.run_dir.resolve()
         self.saved_config["resume"] = str(resume_ck) if forked else None  # the run continues itself: no record
-        self.logs = _Logs(self.run_dir, self.dist.main)
+        self.logs = RunLogs(self.run_dir, self.dist.main)
         if self.dist.main:
             import yaml
 
             self.logs.truncate(self.global_step)  # records written after the checkpoint (or before the first one)
-            _write_if_changed(self.run_dir / "config.yaml", yaml.safe_dump(self.saved_config, sort_keys=False))
+            write_if_changed(self.run_dir / "config.yaml", yaml.safe_dump(self.saved_config, sort_keys=False))
             logger.info("%s | %s params | %s", self.train_ds.describe(), f"{self.params:,}", self.device)
         if self.history and self.history[-1].get("pending_eval"):  # stopped between an epoch's save and its eval
             logged = self.logs.epoch_record(self.history[-1]["epoch"], self.global_step) if self.dist.main else None
@@ -543,7 +489,8 @@ class _Trainer:
             "format": ckpt.CHECKPOINT_FORMAT, "epoch": epoch, "step_in_epoch": step_in_epoch,
             "global_step": self.global_step, "world_size": self.dist.world_size,
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None, "per_rank": per_rank,
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "ema": self.ema.state_dict() if self.ema is not None else None, "per_rank": per_rank,
             "config": self.config.to_dict(), "history": self.history, "segments": self.segments,
         }  # fmt: skip
         ckpt.write_checkpoint(self.run_dir, self.model, state, self.saved_config, self.config.keep_checkpoints)
@@ -618,6 +565,8 @@ class _Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
         self.global_step += 1
         return loss.detach(), (logits.detach().argmax(1) == y).sum()
 
@@ -679,12 +628,27 @@ class _Trainer:
             self.logs.write(record)
             self._log_epoch(record)
 
+    def _evaluate(self) -> dict[str, Any]:
+        """Test metrics of the model, or of its weight average when there is one (the raw weights' under ``raw``)."""
+        def run() -> dict[str, Any]:
+            return evaluation.evaluate(self.model, self.test_loader, device=self.device, amp_dtype=self.amp_dtype,
+                                       channels_last=self.channels_last, dist_info=self.dist)
+
+        ev = run()
+        if self.ema is None:
+            return ev
+        with self.ema.applied(self.model):
+            averaged = run()
+        averaged["raw"] = {k: ev[k] for k in ("loss", "top1", "top5")}
+        return averaged
+
     def _evaluate_epoch(self, record: dict[str, Any]) -> None:
-        ev = evaluation.evaluate(self.model, self.test_loader, device=self.device, amp_dtype=self.amp_dtype,
-                      channels_last=self.channels_last, dist_info=self.dist)
+        ev = self._evaluate()
         record.pop("pending_eval", None)
         record.update(test_loss=ev["loss"], test_top1=ev["top1"], test_top5=ev["top5"],
                       eval={k: ev[k] for k in ("loss", "top1", "top5", "images")})
+        if "raw" in ev:  # test_* are the weight average's
+            record["eval_raw"] = ev["raw"]
         self.logs.write(record)
         self._log_epoch(record)
 
@@ -702,11 +666,12 @@ class _Trainer:
     def _finish(self) -> TrainResult:
         final = self.run_dir / "model.safetensors"
         if self.dist.main and not (self.global_step == self.first_step and _weights_step(final) == self.global_step):
-            ckpt.save_weights(self.model, final, self.saved_config, global_step=self.global_step)
+            # the final weights are what was evaluated: the weight average when there is one
+            with self.ema.applied(self.model) if self.ema is not None else contextlib.nullcontext():
+                ckpt.save_weights(self.model, final, self.saved_config, global_step=self.global_step)
         last = self.history[-1].get("eval") if self.history else None
         if last is None:
-            ev = evaluation.evaluate(self.model, self.test_loader, device=self.device, amp_dtype=self.amp_dtype,
-                          channels_last=self.channels_last, dist_info=self.dist)
+            ev = self._evaluate()
             last = {k: ev[k] for k in ("loss", "top1", "top5", "images")}
         return TrainResult(
             run_dir=self.run_dir, checkpoint=final, config=self.saved_config, history=self.history,

@@ -14,6 +14,7 @@ from condconv._checks import OptionError, flag, parse_kwargs
 from condconv.config import TrainConfig, load_config_file
 from condconv.fileio import check_writable
 from condconv.layers import CONV_KINDS
+from condconv.optim import OPTIMIZERS
 from condconv.runtime import AMP_CHOICES
 
 __all__ = ["add_checkpoint_data_arguments", "add_force_argument", "add_training_options", "config_from_args", "flag",
@@ -118,18 +119,41 @@ def _model_and_data(add: _Adder) -> None:
     add("workers", "--workers", type=none_or(int), help="DataLoader workers (ImageFolder; None: min(4, CPUs))")
     add("skip_bad_images", "--skip-bad-images", action=argparse.BooleanOptionalAction,
         help="leave out unreadable image files instead of stopping before training")
+    add("augment", "--augment", choices=("none", "autoaugment", "randaugment"),
+        help="augmentation policy on the training crops")
+    add("randaug_layers", "--randaug-layers", type=int, help="RandAugment: operations per image")
+    add("randaug_magnitude", "--randaug-magnitude", type=float, help="RandAugment: magnitude (0-10 scale)")
 
 
 def _optimisation(add: _Adder) -> None:
     add.section("optimisation")
     add("epochs", "--epochs", type=int, help="epochs")
     add("batch_size", "--batch-size", "-b", type=int, help="batch size per process")
-    add("optimizer", "--optimizer", choices=("sgd", "adamw"), help="optimizer")
+    add("global_batch_size", "--global-batch-size", type=none_or(int),
+        help="batch over all processes (sets --batch-size to it divided by the processes)")
+    add("optimizer", "--optimizer", choices=OPTIMIZERS, help="optimizer (rmsprop_tf: RMSProp as TensorFlow)")
     add("lr", "--lr", type=float, help="peak learning rate")
-    add("momentum", "--momentum", type=float, help="SGD momentum (Nesterov)")
-    add("weight_decay", "--weight-decay", "--wd", type=float, help="weight decay (not on biases/norms)")
+    add("lr_reference_batch", "--lr-reference-batch", type=none_or(int),
+        help="global batch --lr is meant for; scaled linearly to the real one")
+    add("momentum", "--momentum", type=float, help="momentum (SGD, RMSProp)")
+    add("nesterov", "--nesterov", action=argparse.BooleanOptionalAction, help="SGD: Nesterov momentum")
+    add("rmsprop_decay", "--rmsprop-decay", type=float, help="RMSProp mean-square decay")
+    add("rmsprop_eps", "--rmsprop-eps", type=float, help="RMSProp epsilon (inside the square root)")
+    add("weight_decay", "--weight-decay", "--wd", type=float, help="weight decay")
+    add("weight_decay_exclude", "--weight-decay-exclude", choices=("norm_and_bias", "norm", "none"),
+        help="parameters without weight decay")
+    add("lr_schedule", "--lr-schedule", choices=("cosine", "step", "exponential", "constant"),
+        help="learning-rate schedule after the warm-up, per step")
     add("warmup_epochs", "--warmup-epochs", type=float, help="linear warm-up epochs")
     add("min_lr", "--min-lr", type=float, help="final learning rate of the cosine")
+    add("lr_milestones", "--lr-milestones", type=float, nargs="+", help="epochs of the step schedule's decays")
+    add("lr_gamma", "--lr-gamma", type=none_or(float), help="factor per decay (None: 0.1 step, 0.97 exponential)")
+    add("lr_decay_epochs", "--lr-decay-epochs", type=float, help="epochs between exponential decays")
+    add("lr_staircase", "--lr-staircase", action=argparse.BooleanOptionalAction,
+        help="exponential decay in whole steps (TensorFlow's staircase)")
+    add("ema_decay", "--ema-decay", type=float, help="moving average of the weights, evaluated and saved (0 = off)")
+    add("ema_warmup", "--ema-warmup", action=argparse.BooleanOptionalAction,
+        help="EMA decay capped by (1 + k) / (10 + k) at update k, as TensorFlow's")
     add("label_smoothing", "--label-smoothing", type=float, help="label smoothing")
     add("mixup", "--mixup", type=float, help="mixup alpha (0 = off)")
     add("grad_clip", "--grad-clip", type=none_or(float), help="clip gradient norm")

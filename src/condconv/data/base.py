@@ -61,6 +61,8 @@ class ImageDataset(Dataset):
         image_size: side of the returned (square) images.
         mean, std: per-channel normalisation.
         augment: whether training augmentation is applied.
+        policy: an AutoAugment/RandAugment policy (:mod:`condconv.augment`) applied after the crop and flip of
+            training images, or None; its randomness is a function of ``(seed, epoch, index)`` like the rest.
         seed: seed of the augmentation.
         epoch: epoch used by ``__getitem__`` (set by :meth:`set_epoch`).
     """
@@ -71,8 +73,18 @@ class ImageDataset(Dataset):
     in_chans: int = 3
     image_size: int = 32
     augment: bool = False
+    policy = None
     seed: int = 0
     epoch: int = 0
+
+    def apply_policy(self, images: torch.Tensor, indices: Sequence[int] | np.ndarray, epoch: int) -> torch.Tensor:
+        """``images`` (uint8, ``(B, H, W, C)``) through :attr:`policy`, each image with the generator of its
+        ``(seed, epoch, index)`` (stream 2: independent of the crop and flip); unchanged without a policy."""
+        if self.policy is None or not self.augment or len(images) == 0:
+            return images
+        from condconv.augment import augment_batch
+
+        return augment_batch(images, self.policy, sample_keys(self.seed, epoch, indices, stream=2))
 
     @property
     def num_classes(self) -> int:
@@ -186,6 +198,7 @@ class ArrayImageDataset(ImageDataset):
                 cols = torch.where(flip.view(b, 1), cols.flip(1), cols)
             bidx = torch.arange(b).view(b, 1, 1)
             imgs = imgs[bidx, rows.view(b, h, 1), cols.view(b, 1, w)]
+        imgs = self.apply_policy(imgs, idx_np, self.epoch if epoch is None else int(epoch))
         x = imgs.permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
         x = x.sub_(self._mean).mul_(self._inv_std).contiguous()
         return x, self.targets[idx]

@@ -152,6 +152,9 @@ class ImageFolderDataset(ImageDataset):
             x = self._resize(img[:, top : top + ch, left : left + cw], (s, s))
             if torch.rand((), generator=g).item() < 0.5:
                 x = x.flip(-1)
+            if self.policy is not None:  # on the uint8 crop, as the TPU trainer applies it
+                crop = x.clamp(0, 255).round().to(torch.uint8).permute(1, 2, 0)[None]
+                x = self.apply_policy(crop, [index], self.epoch)[0].permute(2, 0, 1).to(torch.float32)
         else:
             short = int(math.floor(s / self.crop_pct))
             if h <= w:
