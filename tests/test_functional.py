@@ -23,9 +23,9 @@ pytestmark = [
 ]
 
 F64 = torch.float64
-EXPLICIT = ("grouped", "experts", "bmm", "single")
+EXPLICIT = ("grouped", "experts", "bmm", "single", "scan")
 ALL = EXPLICIT + ("auto",)
-MULTI = ("grouped", "experts", "bmm", "auto")  # the strategies that take any batch size
+MULTI = ("grouped", "experts", "bmm", "scan", "auto")  # the strategies that take any batch size
 
 
 

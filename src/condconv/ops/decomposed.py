@@ -6,16 +6,37 @@ without bias:
 
 - :func:`grouped`: per-example kernels, batch folded into the channels, one grouped convolution;
 - :func:`bmm`: per-example kernels applied by a batched matmul (directly for 1x1, after im2col otherwise);
-- :func:`experts`: one convolution with every expert stacked on the output axis, then a routing-weighted sum.
+- :func:`experts`: one convolution with every expert stacked on the output axis, then a routing-weighted sum;
+- :func:`scan`: per-example kernels, one plain convolution per example (a ``scan`` loop when traced by dynamo).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["mix_kernels", "grouped", "bmm", "bmm_columns", "experts", "stack_experts", "weighted_expert_sum"]
+from condconv.ops.context import tracing_kind
+
+try:  # torch >= 2.6: a loop that torch.export keeps symbolic in the batch (exported to ONNX as ``Scan``)
+    from torch._higher_order_ops.scan import scan as _scan_api
+    from torch._higher_order_ops.scan import scan_op as _scan_op
+except ImportError:  # pragma: no cover - older torch
+    _scan_api = _scan_op = None
+
+__all__ = ["mix_kernels", "grouped", "bmm", "bmm_columns", "experts", "stack_experts", "weighted_expert_sum", "scan",
+           "SCAN_TRACEABLE"]
+
+#: Whether this torch has the ``scan`` higher-order operation (so the ``scan`` strategy exports with any batch).
+SCAN_TRACEABLE = _scan_op is not None
+
+
+def _lead(batch: int) -> int:
+    """The batch size for a reshape: ``-1`` while traced, so a graph with a symbolic batch needs no shape arithmetic
+    (``-1`` cannot stand for an empty batch, which eager calls may have)."""
+    return -1 if tracing_kind() is not None else batch
 
 
 def mix_kernels(routing: Tensor, weight: Tensor, spatial: Tensor | None = None) -> Tensor:
@@ -30,10 +51,19 @@ def mix_kernels(routing: Tensor, weight: Tensor, spatial: Tensor | None = None) 
         ``(B, *kernel_shape)``. One matrix multiply: ``B * E * prod(kernel_shape)`` multiply-adds.
     """
     batch, num_experts = routing.shape
-    kernels = torch.matmul(routing, weight.reshape(num_experts, -1)).reshape(batch, *weight.shape[1:])
+    lead = _lead(batch)
+    kernels = torch.matmul(routing, weight.reshape(num_experts, -1))
     if spatial is not None:
-        kernels = kernels * spatial.reshape(batch, 1, 1, *spatial.shape[1:])
-    return kernels
+        # traced for export: the (kh, kw) pattern repeated along each kernel row of C_in/g * kh * kw values, so that the
+        # multiply broadcasts over a long inner span (onnxruntime's Mul is ~10x slower broadcasting a 3x3 pattern)
+        positions = math.prod(spatial.shape[1:])
+        span = math.prod(weight.shape[2:]) if weight.dim() > 3 else positions
+        if lead != -1 or span == positions:
+            pattern = spatial.reshape(lead, 1, 1, positions)
+        else:
+            pattern = spatial.reshape(lead, 1, 1, positions).repeat(1, 1, span // positions, 1)
+        kernels = kernels.reshape(lead, kernels.shape[1] // span, span // positions, positions) * pattern
+    return kernels.reshape(lead, *weight.shape[1:])
 
 
 def grouped(x: Tensor, kernels: Tensor, geometry, out_hw) -> Tensor:
@@ -49,7 +79,8 @@ def grouped(x: Tensor, kernels: Tensor, geometry, out_hw) -> Tensor:
 def bmm_columns(x: Tensor, kernel_size, geometry, out_hw) -> Tensor:
     """The input as matmul columns ``(B, groups, C_in/groups * kh * kw, H_out * W_out)`` (a view for 1x1)."""
     stride, pad, dilation, groups = geometry
-    batch, channels = x.shape[:2]
+    batch = _lead(x.shape[0])
+    channels = x.shape[1]
     kh, kw = kernel_size
     length = out_hw[0] * out_hw[1]
     if (kh, kw) == (1, 1):
@@ -63,7 +94,7 @@ def bmm_columns(x: Tensor, kernel_size, geometry, out_hw) -> Tensor:
 def bmm(x: Tensor, kernels: Tensor, geometry, out_hw) -> Tensor:
     """``kernels (B, C_out, C_in/g, kh, kw)`` applied by a batched matmul with the im2col columns."""
     groups = geometry[3]
-    batch = x.shape[0]
+    batch = _lead(x.shape[0])
     out_channels, in_per_group, kh, kw = kernels.shape[1:]
     cols = bmm_columns(x, (kh, kw), geometry, out_hw)
     out = kernels.reshape(batch, groups, out_channels // groups, in_per_group * kh * kw).matmul(cols)
@@ -107,3 +138,42 @@ def experts(x: Tensor, weight: Tensor, routing: Tensor, spatial: Tensor | None, 
             term = weighted_expert_sum(z, routing * spatial[:, i, j:j + 1], groups)
             out = term if out is None else out + term
     return out
+
+
+def _dynamo_compiling() -> bool:
+    check = getattr(getattr(torch, "compiler", None), "is_dynamo_compiling", None)
+    return bool(check is not None and check())
+
+
+def scan(x: Tensor, kernels: Tensor, geometry, out_hw) -> Tensor:
+    """``kernels (B, C_out, C_in/g, kh, kw)``: one plain convolution of each example with its own kernel.
+
+    At batch size 1 this is exactly the static convolution's work with the mixed kernel. Under ``torch.export``
+    (and so the dynamo-based ONNX exporter) and ``torch.compile`` the loop is torch's ``scan`` higher-order
+    operation, which keeps the batch symbolic: ONNX ``Scan`` with one ``Conv`` (static ``group``) in its body.
+    Eager, and in a static-batch export, it is a Python loop.
+    """
+    stride, pad, dilation, groups = geometry
+
+    def conv(xb: Tensor, kb: Tensor) -> Tensor:
+        return F.conv2d(xb.unsqueeze(0), kb, None, stride, pad, dilation, groups)
+
+    if tracing_kind() in ("export", "compile"):
+        if _scan_op is None:
+            raise RuntimeError("strategy='scan' needs torch.export's scan operation (torch >= 2.6) to be traced")
+
+        init = x.new_zeros(())
+        if _dynamo_compiling():  # torch.compile and strict export: dynamo wants the user-facing function
+
+            def step(carry: Tensor, xs: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+                return carry.clone(), conv(*xs).squeeze(0)
+
+            return _scan_api(step, init, (x, kernels))[1]
+
+        # non-strict torch.export (the ONNX exporter's): the operation itself; the wrapper would run dynamo over
+        # every call, which took a third of a whole model's export time
+        def flat_step(carry: Tensor, xb: Tensor, kb: Tensor) -> list[Tensor]:
+            return [carry.clone(), conv(xb, kb).squeeze(0)]
+
+        return _scan_op(flat_step, [init], [x, kernels], ())[1]
+    return torch.cat([conv(x[b], kernels[b]) for b in range(x.shape[0])], 0)
