@@ -197,7 +197,8 @@ def bench_layers(shapes: Iterable[LayerShape] = BENCH_SHAPES, experts: Iterable[
         base = medians["static"]
         resolved_auto = select_strategy(batch, shape.in_channels, shape.out_channels,
                                         (shape.kernel_size, shape.kernel_size), shape.groups, num_experts,
-                                        (shape.size, shape.size), spatial=False, device=device)
+                                        (shape.size, shape.size), spatial=False, device=device,
+                                        training=mode == "train")
         for name, median in medians.items():
             kind, _, strategy = name.partition(":")
             strategy = strategy or kind

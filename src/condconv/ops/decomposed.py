@@ -66,13 +66,14 @@ def mix_kernels(routing: Tensor, weight: Tensor, spatial: Tensor | None = None) 
     return kernels.reshape(lead, *weight.shape[1:])
 
 
-def grouped(x: Tensor, kernels: Tensor, geometry, out_hw) -> Tensor:
-    """``kernels (B, C_out, C_in/g, kh, kw)`` applied as one convolution with ``B * groups`` groups."""
+def grouped(x: Tensor, kernels: Tensor, geometry, out_hw, bias: Tensor | None = None) -> Tensor:
+    """``kernels (B, C_out, C_in/g, kh, kw)`` applied as one convolution with ``B * groups`` groups (``bias``:
+    ``(B, C_out)``, added by the convolution)."""
     stride, pad, dilation, groups = geometry
     batch, channels, height, width = x.shape
     out_channels = kernels.shape[1]
-    out = F.conv2d(x.reshape(1, batch * channels, height, width), kernels.reshape(-1, *kernels.shape[2:]), None,
-                   stride, pad, dilation, batch * groups)
+    out = F.conv2d(x.reshape(1, batch * channels, height, width), kernels.reshape(-1, *kernels.shape[2:]),
+                   None if bias is None else bias.reshape(-1), stride, pad, dilation, batch * groups)
     return out.reshape(batch, out_channels, *out.shape[-2:])
 
 
@@ -91,13 +92,22 @@ def bmm_columns(x: Tensor, kernel_size, geometry, out_hw) -> Tensor:
     return cols.reshape(batch, groups, (channels // groups) * kh * kw, length)
 
 
-def bmm(x: Tensor, kernels: Tensor, geometry, out_hw) -> Tensor:
-    """``kernels (B, C_out, C_in/g, kh, kw)`` applied by a batched matmul with the im2col columns."""
+def bmm(x: Tensor, kernels: Tensor, geometry, out_hw, bias: Tensor | None = None) -> Tensor:
+    """``kernels (B, C_out, C_in/g, kh, kw)`` applied by a batched matmul with the im2col columns (``bias``:
+    ``(B, C_out)``, the matmul's accumulator)."""
     groups = geometry[3]
     batch = _lead(x.shape[0])
     out_channels, in_per_group, kh, kw = kernels.shape[1:]
     cols = bmm_columns(x, (kh, kw), geometry, out_hw)
-    out = kernels.reshape(batch, groups, out_channels // groups, in_per_group * kh * kw).matmul(cols)
+    kernels = kernels.reshape(batch, groups, out_channels // groups, in_per_group * kh * kw)
+    if bias is None:
+        out = kernels.matmul(cols)
+    elif tracing_kind() is not None:
+        out = kernels.matmul(cols) + bias.reshape(batch, groups, out_channels // groups, 1)
+    else:
+        n = x.shape[0] * groups
+        out = torch.baddbmm(bias.reshape(n, out_channels // groups, 1), kernels.reshape(n, out_channels // groups, -1),
+                            cols.reshape(n, cols.shape[-2], cols.shape[-1]))
     return out.reshape(batch, out_channels, *out_hw)
 
 
@@ -145,8 +155,9 @@ def _dynamo_compiling() -> bool:
     return bool(check is not None and check())
 
 
-def scan(x: Tensor, kernels: Tensor, geometry, out_hw) -> Tensor:
-    """``kernels (B, C_out, C_in/g, kh, kw)``: one plain convolution of each example with its own kernel.
+def scan(x: Tensor, kernels: Tensor, geometry, out_hw, bias: Tensor | None = None) -> Tensor:
+    """``kernels (B, C_out, C_in/g, kh, kw)``: one plain convolution of each example with its own kernel (and its
+    own bias ``(C_out,)``, a row of ``bias (B, C_out)``).
 
     At batch size 1 this is exactly the static convolution's work with the mixed kernel. Under ``torch.export``
     (and so the dynamo-based ONNX exporter) and ``torch.compile`` the loop is torch's ``scan`` higher-order
@@ -155,25 +166,26 @@ def scan(x: Tensor, kernels: Tensor, geometry, out_hw) -> Tensor:
     """
     stride, pad, dilation, groups = geometry
 
-    def conv(xb: Tensor, kb: Tensor) -> Tensor:
-        return F.conv2d(xb.unsqueeze(0), kb, None, stride, pad, dilation, groups)
+    def conv(xb: Tensor, kb: Tensor, bb: Tensor | None = None) -> Tensor:
+        return F.conv2d(xb.unsqueeze(0), kb, bb, stride, pad, dilation, groups)
 
     if tracing_kind() in ("export", "compile"):
         if _scan_op is None:
             raise RuntimeError("strategy='scan' needs torch.export's scan operation (torch >= 2.6) to be traced")
 
         init = x.new_zeros(())
+        xs = [x, kernels] if bias is None else [x, kernels, bias]
         if _dynamo_compiling():  # torch.compile and strict export: dynamo wants the user-facing function
 
-            def step(carry: Tensor, xs: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-                return carry.clone(), conv(*xs).squeeze(0)
+            def step(carry: Tensor, slices: list[Tensor]) -> tuple[Tensor, Tensor]:
+                return carry.clone(), conv(*slices).squeeze(0)
 
-            return _scan_api(step, init, (x, kernels))[1]
+            return _scan_api(step, init, xs)[1]
 
         # non-strict torch.export (the ONNX exporter's): the operation itself; the wrapper would run dynamo over
         # every call, which took a third of a whole model's export time
-        def flat_step(carry: Tensor, xb: Tensor, kb: Tensor) -> list[Tensor]:
-            return [carry.clone(), conv(xb, kb).squeeze(0)]
+        def flat_step(carry: Tensor, *slices: Tensor) -> list[Tensor]:
+            return [carry.clone(), conv(*slices).squeeze(0)]
 
-        return _scan_op(flat_step, [init], [x, kernels], ())[1]
-    return torch.cat([conv(x[b], kernels[b]) for b in range(x.shape[0])], 0)
+        return _scan_op(flat_step, [init], xs, ())[1]
+    return torch.cat([conv(x[b], kernels[b], None if bias is None else bias[b]) for b in range(x.shape[0])], 0)
