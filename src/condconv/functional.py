@@ -379,7 +379,10 @@ def _execute(chosen: str, x: Tensor, weight: Tensor, routing: Tensor, spatial: T
             return decomposed.scan(x, mix_kernels(routing, weight, spatial), geometry, call.out_hw, bias)
         return cpu_tiled.per_example(decomposed.scan, x, weight, routing, spatial, geometry, call.out_hw,
                                      cpu_tiled.SCAN_CHUNK_BYTES, bias=bias)
-    kernel = mix_kernels(routing, weight, spatial)[0]  # single
+    if _use_fused(x, weight, routing, spatial) and not needs_grad(x, weight, routing, spatial):
+        kernel = cpu_tiled.mix_into_workspace(routing, weight, spatial)[0]  # no fresh pages for a big kernel
+    else:
+        kernel = mix_kernels(routing, weight, spatial)[0]  # single
     return F.conv2d(x, kernel, None if bias is None else bias[0], call.stride, conv_pad, call.dilation, groups)
 
 

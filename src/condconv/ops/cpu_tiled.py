@@ -20,7 +20,7 @@ from condconv.ops.context import autocast_on, is_tracing, needs_grad
 from condconv.ops.decomposed import bmm_columns, mix_kernels
 
 __all__ = ["CHUNK_BYTES", "GROUPED_CHUNK_BYTES", "SCAN_CHUNK_BYTES", "Columns", "MixedMatmul", "clear_workspace",
-           "fused_bmm", "per_example", "workspace"]
+           "fused_bmm", "mix_into_workspace", "per_example", "workspace"]
 
 # glibc's allocator serves blocks under its adaptive mmap threshold from reusable heap memory, larger ones from
 # fresh pages that are faulted in and zero-filled on every call (measured: this costs more than the mixing): each
@@ -51,6 +51,19 @@ def workspace(numel: int, like: Tensor, slot: int = 0) -> Tensor:
 def clear_workspace() -> None:
     """Free this thread's reusable CPU buffers (up to ``GROUPED_CHUNK_BYTES`` per dtype, re-created on demand)."""
     _state.workspace = {}
+
+
+def mix_into_workspace(routing: Tensor, weight: Tensor, spatial: Tensor | None = None) -> Tensor:
+    """:func:`~condconv.ops.decomposed.mix_kernels` into this thread's reusable buffer (inference only: the result is
+    overwritten by the next call). A fresh multi-megabyte kernel would fault in new pages on every call."""
+    batch, experts = routing.shape
+    numel = weight[0].numel()
+    kernels = torch.matmul(routing, weight.reshape(experts, numel),
+                           out=workspace(batch * numel, weight, slot=3).view(batch, numel))
+    kernels = kernels.view(batch, *weight.shape[1:])
+    if spatial is not None:
+        kernels.mul_(spatial.reshape(batch, 1, 1, *spatial.shape[1:]))
+    return kernels
 
 
 def per_example(apply, x, weight, routing, spatial, geometry, out_hw, chunk_bytes: int | None = None,
