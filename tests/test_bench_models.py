@@ -121,3 +121,14 @@ def test_quantize_onnx_keeps_outputs_close_and_shrinks_the_experts(tmp_path):
         quantize_onnx(tmp_path / "missing.onnx", tmp_path / "x.onnx")
     with pytest.raises(ValueError, match="op_types must be"):
         quantize_onnx(fp32, tmp_path / "x.onnx", op_types="MatMul")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_bench_models_on_cuda_with_peak_memory_and_compile():
+    rows = bench_models([TINY], device="cuda", batch_sizes=[1], train_batch_sizes=[2], compile=True,
+                        input_size=(3, 16, 16), num_classes=10, model_kwargs={"width_mult": 0.25}, min_rounds=1,
+                        budget_s=0, progress=False)
+    eager = [r for r in rows if r.runtime == "eager"]
+    assert all(r.precision.startswith("bf16") and r.peak_mib >= 0 for r in eager)
+    assert {r.candidate for r in rows if r.runtime.startswith("compile")} == {"static", "auto"}

@@ -510,12 +510,12 @@ def test_auto_runs_what_select_strategy_says(spy, kwargs):
 
 
 def test_auto_rules_for_dense_layers(spy):
-    """Dense 1x1 -> 'bmm'; dense kxk -> 'grouped' on the CPU for small kernels, 'scan' for large ones in inference
-    ('bmm' in training), and 'bmm' on CUDA (by device, no GPU needed)."""
+    """Dense 1x1 -> 'bmm'; dense kxk -> 'grouped' on the CPU ('scan' for large kernels in inference), and 'bmm' on
+    CUDA (by device, no GPU needed)."""
     assert select_strategy(8, 16, 16, (1, 1), 1, 8, (14, 14)) == "bmm"
     assert select_strategy(8, 16, 16, (3, 3), 1, 8, (14, 14)) == "grouped"
     assert select_strategy(8, 256, 256, (3, 3), 1, 8, (14, 14)) == "scan"
-    assert select_strategy(8, 256, 256, (3, 3), 1, 8, (14, 14), training=True) == "bmm"
+    assert select_strategy(8, 256, 256, (3, 3), 1, 8, (14, 14), training=True) == "grouped"
     assert select_strategy(8, 16, 16, (3, 3), 1, 8, (14, 14), device="cuda") == "bmm"
     assert select_strategy(8, 16, 16, (3, 3), 1, 8, (14, 14), device=torch.device("cuda", 0)) == "bmm"
     x = torch.randn(2, 1, 56, 56, dtype=F64)

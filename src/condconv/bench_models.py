@@ -420,7 +420,7 @@ def _check_options(batch_sizes, train_batch_sizes, strategies, input_size, min_r
 
 def format_model_table(rows: list[ModelRow], mode: str, batch: int) -> str:
     """Markdown: models down; the MAC ratio, then per runtime its static twin's median (ms) and every candidate's
-    ratio to it."""
+    ratio to it, each with its peak memory where measured (CUDA)."""
     sel = [r for r in rows if r.mode == mode and r.batch == batch]
     if not sel:
         return ""
@@ -435,6 +435,10 @@ def format_model_table(rows: list[ModelRow], mode: str, batch: int) -> str:
         cells = [model, f"{next(r.mac_ratio for r in sel if r.model == model):.3f}"]
         for rt, c in cols:
             row = lookup.get((model, rt, c))
-            cells.append("" if row is None else f"{row.median_ms:.1f}" if c == "static" else f"{row.ratio:.2f}")
+            if row is None:
+                cells.append("")
+                continue
+            cell = f"{row.median_ms:.1f}" if c == "static" else f"{row.ratio:.2f}"
+            cells.append(cell if math.isnan(row.peak_mib) else f"{cell} ({row.peak_mib:,.0f} MiB)")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

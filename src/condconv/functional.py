@@ -185,10 +185,11 @@ def select_strategy(
     - a static-batch export (``'static'``) and eager calls: the eager rules below;
     - batch 1: ``'single'`` (a plain convolution with the one mixed kernel);
     - dense 1x1 layers: ``'bmm'`` (a batched matmul; on the CPU tiled with reused buffers);
-    - dense kxk layers on CUDA: ``'bmm'``; on the CPU, small kernels (``C_out * C_in`` under 32768): ``'grouped'``
-      (oneDNN's grouped convolution); larger ones ``'scan'`` in inference (one oneDNN convolution per example, right
-      after its kernel is mixed: 1.6x the static convolution for 3x3 256->256 at 14x14, batch 32, where the grouped
-      convolution took 2.3x) and ``'bmm'`` in training (``training``: autograd records the call);
+    - dense kxk layers on CUDA: ``'bmm'``; on the CPU ``'grouped'`` (oneDNN's grouped convolution), except for large
+      kernels (``C_out * C_in`` of 32768 or more) in inference, which take ``'scan'`` (one oneDNN convolution per
+      example, right after its kernel is mixed: 1.6-1.7x the static convolution for 3x3 256->256 at 14x14, batch 32,
+      where the grouped convolution took 1.8-2.3x); in training (``training``: autograd records the call) the
+      per-example backward is slower than the grouped one;
     - depthwise and other grouped layers: ``'grouped'``.
 
     ``num_experts`` and ``out_hw`` are accepted so that measured tables can refine the rule without an API change.
@@ -210,9 +211,7 @@ def select_strategy(
     device_type = device.type if isinstance(device, torch.device) else str(device).split(":")[0]
     if device_type == "cuda":
         return "bmm"
-    if out_channels * in_channels < 32768:
-        return "grouped"
-    return "bmm" if training else "scan"
+    return "scan" if out_channels * in_channels >= 32768 and not training else "grouped"
 
 
 class _Call(NamedTuple):
