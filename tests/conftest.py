@@ -39,8 +39,9 @@ def strategy_used(fn, batch: int, experts: int, out_channels: int, groups: int) 
     Identified from the operations it dispatches, by the engine's definition of each strategy rather than by its
     internal function names: ``experts`` is one convolution of the whole batch with ``E * C_out`` stacked kernels;
     ``grouped`` one convolution of a batch of 1 with ``batch * groups`` groups; ``single`` a plain convolution of a
-    batch of 1 with ``C_out`` kernels; ``bmm`` no convolution at all (matrix multiplies, after im2col for kxk).
-    Use ``batch > 1`` and ``experts > 1`` where the distinction matters.
+    batch of 1 with ``C_out`` kernels; ``scan`` one such convolution per example of a bigger batch; ``bmm`` no
+    convolution at all (matrix multiplies, after im2col for kxk). Use ``batch > 1`` and ``experts > 1`` where the
+    distinction matters.
     """
     with _ConvLog() as log:
         fn()
@@ -54,6 +55,8 @@ def strategy_used(fn, batch: int, experts: int, out_channels: int, groups: int) 
             kinds.add("grouped")
         elif in_shape[0] == batch == 1 and w_shape[0] == out_channels and conv_groups == groups:
             kinds.add("single")
+        elif in_shape[0] == 1 < batch == len(log.convs) and w_shape[0] == out_channels and conv_groups == groups:
+            kinds.add("scan")
         else:
             kinds.add(f"unknown{(in_shape, w_shape, conv_groups)}")
     assert len(kinds) == 1, f"could not tell the strategy from the convolutions {log.convs}"
@@ -61,8 +64,8 @@ def strategy_used(fn, batch: int, experts: int, out_channels: int, groups: int) 
 
 
 # "bmm-unfused": the 'bmm' strategy with the CPU custom-autograd path (FUSED_CPU) switched off
-ALL_PATHS = ("grouped", "experts", "bmm", "bmm-unfused", "single", "auto")
-MULTI_PATHS = ("grouped", "experts", "bmm", "bmm-unfused", "auto")
+ALL_PATHS = ("grouped", "experts", "bmm", "bmm-unfused", "single", "scan", "auto")
+MULTI_PATHS = ("grouped", "experts", "bmm", "bmm-unfused", "scan", "auto")
 
 
 def _select_path(name: str, monkeypatch) -> str:

@@ -152,7 +152,9 @@ def test_errors(nets, tmp_path):
     with pytest.raises(ValueError, match="input_size"):
         export_model(model, tmp_path / "a.onnx", "onnx", (3, 12))
     with pytest.raises(ValueError, match="batch_size must be >= 2"):
-        export_model(model, tmp_path / "a.onnx", "onnx", SIZE, batch_size=1)
+        export_model(model, tmp_path / "a.onnx", "onnx", SIZE, batch_size=1, dynamic_batch=True)
+    with pytest.raises(ValueError, match="batch_size must be None or a positive int"):
+        export_model(model, tmp_path / "a.onnx", "onnx", SIZE, batch_size=0)
     with pytest.raises(FileNotFoundError, match="not found"):
         load_exported(tmp_path / "missing.onnx")
     with pytest.raises(ValueError, match="cannot tell the format"):

@@ -23,9 +23,9 @@ pytestmark = [
 ]
 
 F64 = torch.float64
-EXPLICIT = ("grouped", "experts", "bmm", "single")
+EXPLICIT = ("grouped", "experts", "bmm", "single", "scan")
 ALL = EXPLICIT + ("auto",)
-MULTI = ("grouped", "experts", "bmm", "auto")  # the strategies that take any batch size
+MULTI = ("grouped", "experts", "bmm", "scan", "auto")  # the strategies that take any batch size
 
 
 
@@ -510,9 +510,12 @@ def test_auto_runs_what_select_strategy_says(spy, kwargs):
 
 
 def test_auto_rules_for_dense_layers(spy):
-    """Dense 1x1 -> 'bmm'; dense kxk -> 'grouped' on the CPU and 'bmm' on CUDA (by device, no GPU needed)."""
+    """Dense 1x1 -> 'bmm'; dense kxk -> 'grouped' on the CPU ('scan' for large kernels in inference), and 'bmm' on
+    CUDA (by device, no GPU needed)."""
     assert select_strategy(8, 16, 16, (1, 1), 1, 8, (14, 14)) == "bmm"
     assert select_strategy(8, 16, 16, (3, 3), 1, 8, (14, 14)) == "grouped"
+    assert select_strategy(8, 256, 256, (3, 3), 1, 8, (14, 14)) == "scan"
+    assert select_strategy(8, 256, 256, (3, 3), 1, 8, (14, 14), training=True) == "grouped"
     assert select_strategy(8, 16, 16, (3, 3), 1, 8, (14, 14), device="cuda") == "bmm"
     assert select_strategy(8, 16, 16, (3, 3), 1, 8, (14, 14), device=torch.device("cuda", 0)) == "bmm"
     x = torch.randn(2, 1, 56, 56, dtype=F64)
@@ -529,9 +532,10 @@ def test_select_strategy_rules():
         assert select_strategy(1, c, o, (k, k), g, experts, hw, spatial=spatial) == "single"
         for batch in (2, 32):
             chosen = select_strategy(batch, c, o, (k, k), g, experts, hw, spatial=spatial)
-            assert chosen in ("grouped", "experts", "bmm")
+            assert chosen in ("grouped", "experts", "bmm", "scan")
             if g == c == o:
                 assert chosen == "grouped"
+            assert select_strategy(batch, c, o, (k, k), g, experts, hw, spatial=spatial, training=True) != "scan"
         for batch in (1, 2, 32):
             traced = select_strategy(batch, c, o, (k, k), g, experts, hw, spatial=spatial, tracing=True)
             assert traced in ("experts", "bmm"), (batch, c, o, k, g, traced)

@@ -54,7 +54,7 @@ BENCH_SHAPES = (
     LayerShape("3x3 256->256 @14", 256, 256, 3, 14),
 )
 
-STRATEGY_CANDIDATES = ("grouped", "experts", "bmm", "single", "auto")
+STRATEGY_CANDIDATES = ("grouped", "experts", "bmm", "single", "scan", "auto")
 
 
 @dataclass
@@ -116,15 +116,19 @@ def _timed(fn: Callable[[], object]) -> float:
 
 
 def _round_robin(candidates: dict[str, Callable[[], object]], min_rounds: int, max_rounds: int,
-                 budget_s: float) -> tuple[dict[str, float], int]:
-    for fn in candidates.values():  # warm-up (allocator, caches, one-time dispatch)
-        fn()
+                 budget_s: float, timer: Callable[[Callable[[], object]], float] = _timed,
+                 warmup: int = 1) -> tuple[dict[str, float], int]:
+    """Each candidate once per round, for at least ``min_rounds`` rounds and ``budget_s`` seconds (at most
+    ``max_rounds``): ``({name: median seconds}, rounds)``. ``timer(fn)`` returns one call's seconds."""
+    for _ in range(warmup):  # warm-up (allocator, caches, one-time dispatch)
+        for fn in candidates.values():
+            fn()
     samples: dict[str, list[float]] = {name: [] for name in candidates}
     start = time.perf_counter()
     rounds = 0
     while rounds < max_rounds and (rounds < min_rounds or time.perf_counter() - start < budget_s):
         for name, fn in candidates.items():
-            samples[name].append(_timed(fn))
+            samples[name].append(timer(fn))
         rounds += 1
     return {name: statistics.median(v) for name, v in samples.items()}, rounds
 
@@ -193,7 +197,8 @@ def bench_layers(shapes: Iterable[LayerShape] = BENCH_SHAPES, experts: Iterable[
         base = medians["static"]
         resolved_auto = select_strategy(batch, shape.in_channels, shape.out_channels,
                                         (shape.kernel_size, shape.kernel_size), shape.groups, num_experts,
-                                        (shape.size, shape.size), spatial=False, device=device)
+                                        (shape.size, shape.size), spatial=False, device=device,
+                                        training=mode == "train")
         for name, median in medians.items():
             kind, _, strategy = name.partition(":")
             strategy = strategy or kind

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import inspect
 import io
 import logging
 import warnings
@@ -35,6 +36,7 @@ from torch import Tensor, nn
 from condconv.fileio import atomic_output, check_writable
 from condconv.functional import get_default_strategy, use_strategy
 from condconv.layers import DynamicConvBase
+from condconv.ops.context import static_batch
 
 __all__ = [
     "EXPORT_FORMATS",
@@ -79,26 +81,37 @@ def onnx_dynamo_available() -> bool:
     return importlib.util.find_spec("onnxscript") is not None
 
 
+def _batch_dependent(jit: bool) -> tuple[str, ...]:
+    """Strategies a dynamic-batch graph cannot hold (``scan`` is fine for torch.export, not for torch.jit)."""
+    return _BATCH_DEPENDENT + (("scan",) if jit else ())
+
+
 @contextlib.contextmanager
-def _export_strategy(model: nn.Module, strategy: str | None, dynamic_batch: bool):
-    """Force a batch-independent strategy while exporting if a layer or the default pins a batch-dependent one."""
+def _export_strategy(model: nn.Module, strategy: str | None, dynamic_batch: bool, jit: bool = False):
+    """Trace with batch-independent strategies (a dynamic batch) or declare the batch static (see
+    :func:`condconv.ops.context.static_batch`); a layer or global default pinned to a batch-dependent strategy is
+    overridden to ``'auto'`` for a dynamic batch."""
+    dependent = _batch_dependent(jit)
+    scope = contextlib.nullcontext() if dynamic_batch else static_batch()
     if strategy is not None:
-        if dynamic_batch and strategy in _BATCH_DEPENDENT:
+        if dynamic_batch and strategy in dependent:
             raise ValueError(f"strategy={strategy!r} depends on the batch size and cannot be exported with a dynamic "
-                             f"batch: use 'auto', 'experts' or 'bmm' (or dynamic_batch=False)")
-        with use_strategy(strategy):
+                             f"batch{' by a torch.jit-based exporter' if strategy == 'scan' else ''}: use 'auto', "
+                             "'experts' or 'bmm' (or a static batch_size)")
+        with use_strategy(strategy), scope:
             yield
         return
     pinned = sorted({m.strategy for m in model.modules() if isinstance(m, DynamicConvBase)
-                     and m.strategy in _BATCH_DEPENDENT})
+                     and m.strategy in dependent})
     default = get_default_strategy()
-    if dynamic_batch and (pinned or default in _BATCH_DEPENDENT):
+    if dynamic_batch and (pinned or default in dependent):
         logger.info("exporting with strategy 'auto' instead of %s: batch-dependent strategies cannot take a dynamic "
                     "batch", ", ".join(repr(s) for s in (pinned or [default])))
         with use_strategy("auto"):
             yield
         return
-    yield
+    with scope:
+        yield
 
 
 def _quiet_call(fn, *args, **kwargs):
@@ -134,14 +147,22 @@ def export_model(
     input_size: Sequence[int] = (3, 224, 224),
     opset: int | None = None,
     *,
-    batch_size: int = 2,
-    dynamic_batch: bool = True,
+    batch_size: int | None = None,
+    dynamic_batch: bool | None = None,
     exporter: str = "auto",
     strategy: str | None = None,
     verify: bool = False,
     verify_batch_sizes: Sequence[int] = (1, 3, 8),
 ) -> Path:
-    """Export ``model`` (in eval mode) so that it accepts any batch size.
+    """Export ``model`` (in eval mode): any batch size by default, or a graph specialised to ``batch_size`` images.
+
+    With a dynamic batch, every dynamic layer runs a formulation whose cost at batch 1 is one convolution with the
+    mixed kernel: a batched matmul for dense 1x1 layers, and for the others (with ``torch.export`` and the dynamo
+    ONNX exporter) the ``scan`` strategy, one convolution per example in an ONNX ``Scan``; the TorchScript-based
+    exporters (``format='torchscript'``, ``exporter='torchscript'``) cannot hold a loop over a symbolic batch and get
+    the ``experts`` formulation (``E`` x the multiply-adds) for kxk layers. With ``batch_size=1`` the graph holds a
+    plain convolution with a runtime-computed weight per layer (ONNX ``Conv`` with ``W`` an input), for runtimes
+    that prefer static shapes.
 
     Args:
         model: the model, in eval mode (BatchNorm must use its running statistics); any ``nn.Module`` taking one
@@ -151,15 +172,18 @@ def export_model(
             (``torch.export.export`` then ``torch.export.save``).
         input_size: ``(C, H, W)`` of the example input; the spatial size is fixed in the exported graph.
         opset: ONNX opset (``None``: the exporter's default; 17 for the TorchScript-based exporter).
-        batch_size: batch of the example input used for tracing (>= 2: ``torch.export`` specialises size 1).
-        dynamic_batch: mark the batch axis dynamic (default). ``False`` fixes it to ``batch_size``.
+        batch_size: ``None`` (default): any batch size (traced with 2 examples). An int: the graph is fixed to that
+            many images (a static batch; ``dynamic_batch=True`` instead traces with that many and keeps the axis
+            dynamic, which needs at least 2).
+        dynamic_batch: ``None`` (default): dynamic unless ``batch_size`` is given. ``False`` without a
+            ``batch_size`` fixes the batch to 2.
         exporter: ONNX exporter, ``'dynamo'`` (``torch.onnx.export(dynamo=True)``, PyTorch's default; needs
             ``onnxscript``), ``'torchscript'`` (``dynamo=False``) or ``'auto'`` (dynamo when available).
         strategy: engine strategy to trace with (``None``: ``'auto'``, which picks export-friendly strategies
-            by itself while tracing; layers pinned to ``'grouped'``/``'single'`` are overridden).
-        verify: run the exported file at ``verify_batch_sizes`` against the PyTorch model (onnxruntime for ONNX)
-            and raise ``RuntimeError`` on a mismatch.
-        verify_batch_sizes: batch sizes of the check. Default ``(1, 3, 8)``.
+            by itself while tracing; with a dynamic batch, layers pinned to ``'grouped'``/``'single'`` are overridden).
+        verify: run the exported file at ``verify_batch_sizes`` (the static batch size for a static graph) against
+            the PyTorch model (onnxruntime for ONNX) and raise ``RuntimeError`` on a mismatch.
+        verify_batch_sizes: batch sizes of the check of a dynamic graph. Default ``(1, 3, 8)``.
 
     Returns:
         The written path.
@@ -181,19 +205,22 @@ def export_model(
                          "): call model.eval() before exporting, or BatchNorm would be exported with batch "
                          "statistics and dropout active")
     size = _check_input_size(input_size)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    if dynamic_batch and batch_size < 2:
-        raise ValueError(f"batch_size must be >= 2 with dynamic_batch (size 1 is specialised), got {batch_size}")
+    batch_size, dynamic_batch = _resolve_batch(batch_size, dynamic_batch)
     if opset is not None and (isinstance(opset, bool) or not isinstance(opset, int) or opset < 7):
         raise ValueError(f"opset must be an int >= 7 or None, got {opset!r}")
+    if exporter == "auto":
+        exporter = "dynamo" if onnx_dynamo_available() else "torchscript"
+        if format == "onnx" and exporter == "torchscript":
+            logger.info("onnxscript is not installed: using the TorchScript-based ONNX exporter "
+                        "(pip install onnxscript for torch.onnx.export(dynamo=True))")
+    jit = format == "torchscript" or (format == "onnx" and exporter == "torchscript")
     path = Path(path)
     check_writable(path)
     x = _example_input(model, batch_size, size)
     # an ONNX file over 2 GiB keeps its weights in a side file named after it: written in place, not renamed
     large = format == "onnx" and _weight_bytes(model) > 1.5 * 2**30
     target = contextlib.nullcontext(path) if large else atomic_output(path)
-    with _export_strategy(model, strategy, dynamic_batch), torch.no_grad(), target as tmp:
+    with _export_strategy(model, strategy, dynamic_batch, jit), torch.no_grad(), target as tmp:
         out = model(x)
         if not isinstance(out, Tensor):
             raise TypeError(f"export_model supports models returning one tensor, got {type(out).__name__}")
@@ -213,30 +240,62 @@ def export_model(
     return path
 
 
+def _resolve_batch(batch_size: int | None, dynamic_batch: bool | None) -> tuple[int, bool]:
+    """``(batch of the example input, whether the batch axis is dynamic)`` from :func:`export_model`'s options."""
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be None or a positive int, got {batch_size!r}")
+    if dynamic_batch is not None and not isinstance(dynamic_batch, bool):
+        raise TypeError(f"dynamic_batch must be None or a bool, got {dynamic_batch!r}")
+    if dynamic_batch is None:
+        dynamic_batch = batch_size is None
+    if batch_size is None:
+        batch_size = 2
+    if dynamic_batch and batch_size < 2:
+        raise ValueError(f"batch_size must be >= 2 to trace a dynamic batch (torch.export specialises size 1), got "
+                         f"{batch_size}: leave dynamic_batch unset for a graph of exactly {batch_size} image")
+    return batch_size, dynamic_batch
+
+
 def _weight_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
 
 def _export_onnx(model: nn.Module, x: Tensor, path: Path, opset: int | None, dynamic_batch: bool,
                  exporter: str) -> None:
-    if exporter == "auto":
-        exporter = "dynamo" if onnx_dynamo_available() else "torchscript"
-        if exporter == "torchscript":
-            logger.info("onnxscript is not installed: using the TorchScript-based ONNX exporter "
-                        "(pip install onnxscript for torch.onnx.export(dynamo=True))")
     names = {"input_names": ["input"], "output_names": ["output"]}
     if exporter == "dynamo":
         if not onnx_dynamo_available():
             raise ImportError("exporter='dynamo' needs the onnxscript package (pip install onnxscript)")
         large = _weight_bytes(model) > 1.5 * 2**30
         dims = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
+        light = "optimize" in inspect.signature(torch.onnx.export).parameters
+        extra = {"optimize": False} if light else {}
         program = _quiet_call(torch.onnx.export, model, (x,), dynamo=True, dynamic_shapes=dims, opset_version=opset,
-                              external_data=large, verbose=False, **names)
+                              external_data=large, verbose=False, **names, **extra)
+        if light:
+            _fold_constants(program.model)
         program.save(str(path), external_data=large)
     else:
         axes = {"input": {0: "batch"}, "output": {0: "batch"}} if dynamic_batch else None
         _quiet_call(torch.onnx.export, model, (x,), str(path), dynamo=False, dynamic_axes=axes,
                     opset_version=opset or 17, do_constant_folding=True, **names)
+
+
+def _fold_constants(model) -> None:
+    """A light stand-in for the dynamo exporter's optimiser (whose pattern rewrites took two thirds of the export
+    time of a model with dozens of dynamic layers, for no measured speed-up in onnxruntime): fold constants, with
+    the reshapes and transposes of weights folded whatever their size, so that a weight reaches its ``MatMul`` as an
+    initializer (which onnxruntime's quantization tools need), and drop unused nodes."""
+    import onnxscript.optimizer as optimizer
+
+    def weights_only(node) -> bool | None:
+        if node.op_type in ("Reshape", "Transpose") and node.inputs and node.inputs[0] is not None \
+                and node.inputs[0].const_value is not None:
+            return True
+        return None
+
+    optimizer.fold_constants(model, should_fold=weights_only)
+    optimizer.remove_unused_nodes(model)
 
 
 def load_exported(path: str | Path, format: str | None = None):
@@ -254,7 +313,9 @@ def load_exported(path: str | Path, format: str | None = None):
             import onnxruntime as ort
         except ImportError:
             raise ImportError("running ONNX models needs onnxruntime (pip install 'condconv[onnx]')") from None
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # not the exporter's unused-initializer notices
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         name = session.get_inputs()[0].name
 
         def run_onnx(x: Tensor) -> Tensor:

@@ -18,6 +18,11 @@ Several mathematically identical strategies compute it; which one is fastest dep
     ``unfold`` (im2col) for larger ones.
 ``single``
     Batch size 1: a plain convolution with the one mixed kernel.
+``scan``
+    Mix one kernel per example and run one plain convolution per example. Under ``torch.export`` (and the
+    dynamo-based ONNX exporter) the loop is a ``scan`` that keeps the batch symbolic (ONNX ``Scan`` around one
+    ``Conv``): an exported graph that takes any batch size and costs, at batch 1, one convolution with the mixed
+    kernel. Eager, it is a loop over the examples (``auto`` picks it for CPU inference of large dense kxk layers).
 ``triton``
     Fused Triton kernels (:mod:`condconv.ops.triton_conv`, CUDA; on CPU tensors only under Triton's interpreter):
     the experts are mixed tile by tile inside an implicit GEMM, forward and backward, ODConv's channel attentions
@@ -42,7 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from condconv.ops import cpu_tiled, decomposed
-from condconv.ops.context import autocast_dtype, autocast_on, is_exporting, is_tracing
+from condconv.ops.context import autocast_dtype, autocast_on, is_exporting, is_tracing, needs_grad, tracing_kind
 from condconv.ops.cpu_tiled import clear_workspace
 from condconv.ops.decomposed import mix_kernels
 
@@ -60,7 +65,7 @@ __all__ = [
     "clear_workspace",
 ]
 
-STRATEGIES = ("auto", "grouped", "experts", "bmm", "single", "triton")
+STRATEGIES = ("auto", "grouped", "experts", "bmm", "single", "scan", "triton")
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
 # The CPU ``bmm`` path runs through a custom autograd function with reused buffers (condconv.ops.cpu_tiled); False
@@ -168,26 +173,40 @@ def select_strategy(
     *,
     spatial: bool = False,
     device: torch.device | str = "cpu",
-    tracing: bool = False,
+    tracing: bool | str | None = False,
+    training: bool = False,
 ) -> str:
     """The strategy ``'auto'`` resolves to for one call.
 
-    Rules, from the layer benchmark (``condconv bench layers``; figures in the README):
+    Rules, from the layer and model benchmarks (``condconv bench layers|models``; figures in the README):
 
-    - tracing, exporting or compiling: ``'bmm'`` for dense 1x1 layers, ``'experts'`` otherwise — neither has a
-      batch-dependent ``groups``, so the graph exports and compiles with a dynamic batch;
+    - exported with a dynamic batch by ``torch.export`` or the dynamo-based ONNX exporter (``tracing='export'``):
+      ``'bmm'`` for dense 1x1 layers (one batched matmul), ``'scan'`` otherwise (one convolution per example in a
+      ``scan`` loop: at batch 1 the cost of the static convolution with the mixed kernel);
+    - traced by ``torch.jit`` (``'jit'``, also the TorchScript-based ONNX exporter) or compiled (``'compile'``;
+      ``True`` means the same): ``'bmm'`` for dense 1x1 layers, ``'experts'`` otherwise — neither has a
+      batch-dependent ``groups``, so the graph takes any batch — except that compiled kxk layers with a spatial
+      attention (ODConv) take ``'bmm'`` rather than the ``kh * kw`` convolutions ``'experts'`` needs for them;
+    - a static-batch export (``'static'``) and eager calls: the eager rules below;
     - batch 1: ``'single'`` (a plain convolution with the one mixed kernel);
     - dense 1x1 layers: ``'bmm'`` (a batched matmul; on the CPU tiled with reused buffers);
-    - dense kxk layers: ``'grouped'`` on the CPU, where oneDNN's grouped convolution beats im2col + matmul, and
-      ``'bmm'`` on CUDA (not measured here: no GPU was available; force a strategy if yours differs);
+    - dense kxk layers on CUDA: ``'bmm'``; on the CPU ``'grouped'`` (oneDNN's grouped convolution), except for large
+      kernels (``C_out * C_in`` of 32768 or more) in inference, which take ``'scan'`` (one oneDNN convolution per
+      example, right after its kernel is mixed: 1.6-1.7x the static convolution for 3x3 256->256 at 14x14, batch 32,
+      where the grouped convolution took 1.8-2.3x); in training (``training``: autograd records the call) the
+      per-example backward is slower than the grouped one;
     - depthwise and other grouped layers: ``'grouped'``.
 
     ``num_experts`` and ``out_hw`` are accepted so that measured tables can refine the rule without an API change.
     """
     kh, kw = kernel_size
     pointwise = kh == 1 and kw == 1
-    if tracing:
-        return "bmm" if (pointwise and groups == 1) else "experts"
+    kind = "compile" if tracing is True else (tracing or None)
+    if kind == "export":
+        return "bmm" if (pointwise and groups == 1) or not decomposed.SCAN_TRACEABLE else "scan"
+    if kind in ("jit", "compile"):
+        dense_pointwise = pointwise and groups == 1
+        return "bmm" if dense_pointwise or (kind == "compile" and spatial and not pointwise) else "experts"
     if batch <= 1:
         return "single"
     if groups > 1:
@@ -195,8 +214,9 @@ def select_strategy(
     if pointwise:
         return "bmm"
     device_type = device.type if isinstance(device, torch.device) else str(device).split(":")[0]
-    return "bmm" if device_type == "cuda" else "grouped"
-
+    if device_type == "cuda":
+        return "bmm"
+    return "scan" if out_channels * in_channels >= 32768 and not training else "grouped"
 
 
 class _Call(NamedTuple):
@@ -314,10 +334,19 @@ def dynamic_conv2d(
     _check_strategy(strategy)
     call = _validate(x, weight, routing, bias, stride, padding, dilation, groups, padding_mode, spatial)
     _check_scales(in_scale, out_scale, call.batch, call.in_channels, call.out_channels)
-    mismatched = routing.dtype != weight.dtype or (spatial is not None and spatial.dtype != weight.dtype)
-    if mismatched and not autocast_on(x.device.type):  # the kernels are mixed in the experts' dtype
+    return _run_validated(x, weight, routing, bias, groups, padding_mode, spatial, strategy, call, in_scale, out_scale)
+
+
+def _run_validated(x: Tensor, weight: Tensor, routing: Tensor, bias: Tensor | None, groups: int, padding_mode: str,
+                   spatial: Tensor | None, strategy: str, call: _Call, in_scale: Tensor | None = None,
+                   out_scale: Tensor | None = None) -> Tensor:
+    """:func:`dynamic_conv2d` after :func:`_validate` (the layers call it with a validation cached per input shape)."""
+    kind = tracing_kind()
+    autocast = autocast_on(x.device.type)
+    if routing.dtype != weight.dtype and not autocast:  # the kernels are mixed in the experts' dtype
         routing = routing.to(weight.dtype)
-        spatial = None if spatial is None else spatial.to(weight.dtype)
+    if spatial is not None and spatial.dtype != weight.dtype and not autocast:
+        spatial = spatial.to(weight.dtype)
     if call.batch == 0:
         dtype = torch.promote_types(x.dtype, weight.dtype)
         out = x.new_zeros((0, call.out_channels, *call.out_hw), dtype=dtype)
@@ -327,22 +356,30 @@ def dynamic_conv2d(
     if chosen == "auto":
         chosen = select_strategy(call.batch, call.in_channels, call.out_channels, call.kernel_size, groups,
                                  call.num_experts, call.out_hw, spatial=spatial is not None, device=x.device,
-                                 tracing=is_tracing())
+                                 tracing=kind, training=needs_grad(x, weight, routing, bias, spatial))
     if chosen == "triton" and is_exporting():  # a file format cannot hold the custom operator
         chosen = select_strategy(call.batch, call.in_channels, call.out_channels, call.kernel_size, groups,
                                  call.num_experts, call.out_hw, spatial=spatial is not None, device=x.device,
-                                 tracing=True)
+                                 tracing=kind or "jit")
     if chosen == "single" and call.batch != 1:
         raise ValueError(f"strategy='single' needs batch size 1, got {call.batch}")
+    if chosen == "scan" and kind == "jit":
+        raise ValueError("strategy='scan' cannot be traced by torch.jit (the loop would fix the batch size): use "
+                         "torch.export or the dynamo-based ONNX exporter, or another strategy")
     if chosen == "triton":
         return _triton(x, weight, routing, bias, spatial, in_scale, out_scale, groups, padding_mode, call)
     if in_scale is not None:
         x = x * in_scale.to(x.dtype)[:, :, None, None]
+    mixed_bias = None if bias is None else torch.matmul(routing, bias)
+    if mixed_bias is not None and out_scale is None and mixed_bias.dtype == x.dtype and not autocast:
+        return _execute(chosen, x, weight, routing, spatial, groups, padding_mode, call, mixed_bias)  # bias inside
     out = _execute(chosen, x, weight, routing, spatial, groups, padding_mode, call)
     if out_scale is not None:
         out = out * out_scale.to(out.dtype)[:, :, None, None]
-    if bias is not None:
-        out = out + torch.matmul(routing, bias).reshape(call.batch, call.out_channels, 1, 1).to(out.dtype)
+    if mixed_bias is not None:
+        if mixed_bias.dtype != out.dtype:
+            mixed_bias = mixed_bias.to(out.dtype)
+        out = out + mixed_bias.reshape(-1, call.out_channels, 1, 1)
     return out
 
 
@@ -364,8 +401,8 @@ def _triton(x: Tensor, weight: Tensor, routing: Tensor, bias: Tensor | None, spa
 
 
 def _execute(chosen: str, x: Tensor, weight: Tensor, routing: Tensor, spatial: Tensor | None, groups: int,
-             padding_mode: str, call: _Call) -> Tensor:
-    """Run strategy ``chosen`` (not ``'auto'``) without bias."""
+             padding_mode: str, call: _Call, bias: Tensor | None = None) -> Tensor:
+    """Run strategy ``chosen`` (not ``'auto'``); ``bias``: the mixed bias ``(B, C_out)``, added the cheapest way."""
     pads = call.pads
     # Explicit padding unless it is symmetric zero padding the convolution can do itself.
     symmetric = pads[0] == pads[1] and pads[2] == pads[3]
@@ -378,16 +415,25 @@ def _execute(chosen: str, x: Tensor, weight: Tensor, routing: Tensor, spatial: T
         conv_pad = (pads[2], pads[0])
     geometry = (call.stride, conv_pad, call.dilation, groups)
     if chosen == "experts":
-        return decomposed.experts(x, weight, routing, spatial, geometry, call.out_hw)
+        out = decomposed.experts(x, weight, routing, spatial, geometry, call.out_hw)
+        return out if bias is None else out + bias.reshape(-1, call.out_channels, 1, 1)
     if chosen == "bmm":
         if _use_fused(x, weight, routing, spatial):
-            return cpu_tiled.fused_bmm(x, weight, routing, spatial, geometry, call.out_hw)
-        return cpu_tiled.per_example(decomposed.bmm, x, weight, routing, spatial, geometry, call.out_hw)
+            return cpu_tiled.fused_bmm(x, weight, routing, spatial, geometry, call.out_hw, bias)
+        return cpu_tiled.per_example(decomposed.bmm, x, weight, routing, spatial, geometry, call.out_hw, bias=bias)
     if chosen == "grouped":
         return cpu_tiled.per_example(decomposed.grouped, x, weight, routing, spatial, geometry, call.out_hw,
-                                     cpu_tiled.GROUPED_CHUNK_BYTES)
-    kernel = mix_kernels(routing, weight, spatial)[0]  # single
-    return F.conv2d(x, kernel, None, call.stride, conv_pad, call.dilation, groups)
+                                     cpu_tiled.GROUPED_CHUNK_BYTES, bias=bias)
+    if chosen == "scan":
+        if is_tracing():
+            return decomposed.scan(x, mix_kernels(routing, weight, spatial), geometry, call.out_hw, bias)
+        return cpu_tiled.per_example(decomposed.scan, x, weight, routing, spatial, geometry, call.out_hw,
+                                     cpu_tiled.SCAN_CHUNK_BYTES, bias=bias)
+    if _use_fused(x, weight, routing, spatial) and not needs_grad(x, weight, routing, spatial):
+        kernel = cpu_tiled.mix_into_workspace(routing, weight, spatial)[0]  # no fresh pages for a big kernel
+    else:
+        kernel = mix_kernels(routing, weight, spatial)[0]  # single
+    return F.conv2d(x, kernel, None if bias is None else bias[0], call.stride, conv_pad, call.dilation, groups)
 
 
 def _use_fused(x: Tensor, weight: Tensor, routing: Tensor, spatial: Tensor | None) -> bool:

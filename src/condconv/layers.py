@@ -23,11 +23,15 @@ from condconv._checks import positive_int as _positive_int
 from condconv.functional import (
     PADDING_MODES,
     STRATEGIES,
+    _Call,
     _pair,
+    _run_validated,
+    _validate,
     dynamic_conv2d,
     get_default_strategy,
     resolve_padding,
 )
+from condconv.ops.context import autocast_on, tracing_kind
 from condconv.routing import OmniRouter, SigmoidRouter, SoftmaxRouter, _check_dropout, _check_init, _check_temperature
 
 __all__ = ["CondConv2d", "DynamicConv2d", "ODConv2d", "make_conv2d", "DynamicConvBase", "LAYERS", "CONV_KINDS",
@@ -110,6 +114,38 @@ class DynamicConvBase(nn.Module):
         if x.shape[1] != self.in_channels:
             raise ValueError(f"{type(self).__name__} expects {self.in_channels} input channels, got {x.shape[1]} "
                              f"(input shape {tuple(x.shape)})")
+        if x.dtype != self.weight.dtype and not autocast_on(x.device.type):
+            raise TypeError(f"{type(self).__name__} has {self.weight.dtype} weights but got a {x.dtype} input (shape "
+                            f"{tuple(x.shape)}): convert one to the other (model.to(dtype) or x.to(dtype)) or run "
+                            "under torch.autocast")
+
+    def _plan(self, x: Tensor, spatial: bool = False) -> _Call | None:
+        """Check the input (once per input shape, dtype and device) and return the engine's validated call.
+
+        The engine's validation costs more than the convolution itself at batch 1, so in eager mode it runs on the
+        first call for each input signature and is reused; while tracing (export, compile) nothing is cached and
+        ``None`` sends the call through :func:`condconv.dynamic_conv2d`'s full checks.
+        """
+        if tracing_kind() is not None or not isinstance(x, Tensor):
+            self._check_input(x)
+            return None
+        weight, bias = self._parameters["weight"], self._parameters.get("bias")
+        key = (x.shape, x.dtype, x.device, autocast_on(x.device.type), spatial, weight.shape, weight.dtype,
+               weight.device, self.stride, self.padding, self.dilation, self.groups, self.padding_mode,
+               None if bias is None else bias.shape)
+        plans = self.__dict__.setdefault("_plans", {})
+        call = plans.get(key)
+        if call is None:
+            self._check_input(x)
+            batch, kh, kw = x.shape[0], *self.kernel_size
+            routing = x.new_empty((batch, self.num_experts), dtype=self.weight.dtype)
+            placeholder = x.new_empty((batch, kh, kw), dtype=self.weight.dtype) if spatial else None
+            call = _validate(x, self.weight, routing, self.bias, self.stride, self.padding, self.dilation,
+                             self.groups, self.padding_mode, placeholder)
+            if len(plans) >= 16:
+                plans.clear()
+            plans[key] = call
+        return call
 
     def _check_routing(self, routing: Tensor, batch: int) -> None:
         if not isinstance(routing, Tensor):
@@ -118,11 +154,16 @@ class DynamicConvBase(nn.Module):
             raise ValueError(f"routing_weights must have shape (batch, num_experts) = ({batch}, {self.num_experts}), "
                              f"got {tuple(routing.shape)}")
 
-    def _run(self, x: Tensor, routing: Tensor, bias: Tensor | None, spatial: Tensor | None = None, *,
-             in_scale: Tensor | None = None, out_scale: Tensor | None = None) -> Tensor:
+    def _run(self, x: Tensor, routing: Tensor, bias: Tensor | None, spatial: Tensor | None = None,
+             call: _Call | None = None, *, in_scale: Tensor | None = None,
+             out_scale: Tensor | None = None) -> Tensor:
+        strategy = self.strategy if self.strategy is not None else get_default_strategy()
+        if call is not None:
+            return _run_validated(x, self.weight, routing, bias, self.groups, self.padding_mode, spatial, strategy,
+                                  call, in_scale, out_scale)
         return dynamic_conv2d(x, self.weight, routing, bias, self.stride, self.padding, self.dilation, self.groups,
                               self.padding_mode, spatial=spatial, in_scale=in_scale, out_scale=out_scale,
-                              strategy=self.strategy if self.strategy is not None else get_default_strategy())
+                              strategy=strategy)
 
     def _load_static(self, conv: nn.Conv2d, gain: float, perturb: float, generator: torch.Generator | None) -> None:
         """Fill every expert with ``conv``'s kernel divided by ``gain`` (the zeroed router's total weight).
@@ -227,7 +268,7 @@ class CondConv2d(DynamicConvBase):
         return math.sqrt(2.0 * self.groups / (self.out_channels * self.kernel_size[0] * self.kernel_size[1]))
 
     def forward(self, x: Tensor, routing_weights: Tensor | None = None) -> Tensor:
-        self._check_input(x)
+        call = self._plan(x)
         if routing_weights is None:
             if self.router is None:
                 raise ValueError("this CondConv2d has routing='external': pass routing_weights of shape "
@@ -235,7 +276,7 @@ class CondConv2d(DynamicConvBase):
             routing_weights = self.router(x)
         else:
             self._check_routing(routing_weights, x.shape[0])
-        return self._run(x, routing_weights, self.bias)
+        return self._run(x, routing_weights, self.bias, call=call)
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, *, num_experts: int = 8, perturb: float = 0.0,
@@ -285,12 +326,12 @@ class DynamicConv2d(DynamicConvBase):
                                     init=init, device=device, dtype=dtype)
 
     def forward(self, x: Tensor, routing_weights: Tensor | None = None) -> Tensor:
-        self._check_input(x)
+        call = self._plan(x)
         if routing_weights is None:
             routing_weights = self.router(x)
         else:
             self._check_routing(routing_weights, x.shape[0])
-        return self._run(x, routing_weights, self.bias)
+        return self._run(x, routing_weights, self.bias, call=call)
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, *, num_experts: int = 4, perturb: float = 0.0,
@@ -340,11 +381,12 @@ class ODConv2d(DynamicConvBase):
                                  init=init, device=device, dtype=dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        self._check_input(x)
+        call = self._plan(x, spatial=self.router.spatial is not None)
         att = self.router(x)
         routing = att.expert if att.expert is not None else x.new_ones((x.shape[0], 1), dtype=self.weight.dtype)
         # the channel attentions and the bias go to the engine with the kernel: one fused call with 'triton'
-        return self._run(x, routing, self.bias, att.spatial, in_scale=att.in_channel, out_scale=att.out_channel)
+        return self._run(x, routing, self.bias, att.spatial, call, in_scale=att.in_channel,
+                         out_scale=att.out_channel)
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, *, num_experts: int = 4, perturb: float = 0.0,

@@ -17,6 +17,7 @@ papers' code does; see each class): the official initialisers were read in tenso
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -38,7 +39,10 @@ __all__ = [
 
 
 def _check_temperature(value: object) -> float:
-    return positive_number(value, "temperature")
+    value = positive_number(value, "temperature")
+    if not math.isfinite(value):
+        raise ValueError(f"temperature must be a finite positive number, got {value!r}")
+    return value
 
 
 def _check_dropout(value: object) -> float:
@@ -60,6 +64,10 @@ def _he_fan_out(layers) -> None:
         nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
         if layer.bias is not None:
             nn.init.zeros_(layer.bias)
+
+
+def _in_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _pooled(x: Tensor) -> Tensor:
@@ -94,7 +102,10 @@ class SigmoidRouter(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """``x``: ``(B, C, H, W)`` -> routing ``(B, num_experts)`` in (0, 1)."""
-        return torch.sigmoid(self.fc(self.dropout(_pooled(x))))
+        h = _pooled(x)
+        if self.training and self.dropout.p > 0:
+            h = self.dropout(h)
+        return torch.sigmoid(self.fc(h))
 
     def zero_(self) -> SigmoidRouter:
         """Constant routing 0.5 for every expert and input (used for function-preserving conversion)."""
@@ -144,11 +155,13 @@ class SoftmaxRouter(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """``x``: ``(B, C, H, W)`` -> routing ``(B, num_experts)``, rows summing to 1."""
-        h = self.dropout(_pooled(x))
+        h = _pooled(x)
+        if self.training and self.dropout.p > 0:
+            h = self.dropout(h)
         if self.hidden is not None:
             h = self.hidden(h)
         logits = self.fc(h)
-        return torch.softmax(logits / self.temperature.to(logits.dtype), dim=1)
+        return torch.softmax(logits / _in_dtype(self.temperature, logits.dtype), dim=1)
 
     def zero_(self) -> SoftmaxRouter:
         """Uniform routing ``1 / num_experts`` for every input (function-preserving conversion)."""
@@ -240,10 +253,10 @@ class OmniRouter(nn.Module):
             raise ValueError("OmniRouter with norm='batch' cannot train on a batch of 1 (BatchNorm needs more than "
                              "one value per channel): use norm='layer' (the default) or norm='none'")
         h = F.relu(self.norm(self.fc(_pooled(x))))
-        t = self.temperature.to(h.dtype)
+        t = _in_dtype(self.temperature, h.dtype)
         spatial = None
         if self.spatial is not None:
-            spatial = torch.sigmoid(self.spatial(h) / t).reshape(h.shape[0], *self.kernel_size)
+            spatial = torch.sigmoid(self.spatial(h) / t).reshape(-1, *self.kernel_size)
         in_channel = torch.sigmoid(self.in_channel(h) / t)
         out_channel = None if self.out_channel is None else torch.sigmoid(self.out_channel(h) / t)
         expert = None if self.expert is None else torch.softmax(self.expert(h) / t, dim=1)

@@ -30,8 +30,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
     parser.add_argument("--exporter", default="auto", choices=ONNX_EXPORTERS,
                         help="ONNX exporter: dynamo (needs onnxscript), torchscript, or auto (default)")
-    parser.add_argument("--batch-size", type=positive_int, default=2, help="batch of the tracing input (default: 2)")
-    parser.add_argument("--static-batch", action="store_true", help="fix the batch size to --batch-size")
+    parser.add_argument("--batch-size", type=positive_int, default=None, metavar="N",
+                        help="a graph fixed to N images (N=1: a plain Conv with a runtime-computed weight per dynamic "
+                             "layer, for runtimes that prefer static shapes); default: any batch size")
+    parser.add_argument("--static-batch", action="store_true",
+                        help="fix the batch size (to --batch-size, or 2 without it; kept for older scripts)")
     parser.add_argument("--verify", action="store_true",
                         help="run the exported model (onnxruntime for ONNX) at batch sizes 1, 3 and 8 against PyTorch")
     parser.add_argument("--verify-batch-sizes", type=positive_int, nargs="+", default=[1, 3, 8], metavar="B",
@@ -55,13 +58,15 @@ def run(args: argparse.Namespace) -> int:
     size = tuple(args.input_size) if args.input_size else default_input_size(config["model"], config)
     out = Path(args.out) if args.out else _default_out(args.model, str(config["model"]), EXPORT_FORMATS[args.format])
     new_output(out, args.force)
-    path = export_model(model, out, args.format, size, args.opset, batch_size=args.batch_size,
-                        dynamic_batch=not args.static_batch, exporter=args.exporter)
+    static = args.static_batch or args.batch_size is not None
+    batch = (args.batch_size or 2) if static else None
+    path = export_model(model, out, args.format, size, args.opset, batch_size=batch, dynamic_batch=not static,
+                        exporter=args.exporter)
     print(f"exported {config['model']} ({'x'.join(map(str, size))} inputs, "
-          f"{'batch ' + str(args.batch_size) if args.static_batch else 'any batch'}) to {path} "
+          f"{'batch ' + str(batch) if static else 'any batch'}) to {path} "
           f"({path.stat().st_size / 2**20:.2f} MB)")
     if args.verify:
-        sizes = [args.batch_size] if args.static_batch else args.verify_batch_sizes
+        sizes = [batch] if static else args.verify_batch_sizes
         errors = verify_export(path, model, size, sizes, format=args.format)
         print("verified against PyTorch: " + ", ".join(f"batch {b}: max |diff| {e:.2e}" for b, e in errors.items()))
     return 0

@@ -2,25 +2,57 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor
 
-__all__ = ["is_tracing", "is_exporting", "autocast_on", "autocast_dtype", "needs_grad"]
+__all__ = ["TRACING_KINDS", "is_tracing", "tracing_kind", "static_batch", "is_exporting", "autocast_on",
+           "autocast_dtype", "needs_grad"]
+
+#: What :func:`tracing_kind` can answer (besides ``None``, eager execution).
+TRACING_KINDS = ("jit", "export", "compile", "static")
+
+_state = threading.local()
+
+
+@contextlib.contextmanager
+def static_batch() -> Iterator[None]:
+    """Declare that the graph being traced inside the block keeps the example's batch size (a static-batch export).
+
+    :func:`tracing_kind` then answers ``'static'``: batch-dependent strategies (``single``, ``grouped``) are allowed.
+    """
+    depth = getattr(_state, "static", 0)
+    _state.static = depth + 1
+    try:
+        yield
+    finally:
+        _state.static = depth
+
+
+def tracing_kind() -> str | None:
+    """How the current call is being traced, if it is (cheap in eager mode: two flag reads).
+
+    Returns:
+        ``None`` (eager), ``'static'`` (any tracer inside :func:`static_batch`), ``'jit'`` (``torch.jit.trace`` /
+        scripting, which includes the TorchScript-based ONNX exporter), ``'export'`` (``torch.export``, which includes
+        the dynamo-based ONNX exporter) or ``'compile'`` (``torch.compile``).
+    """
+    if torch.jit.is_tracing() or torch.jit.is_scripting():
+        kind = "jit"
+    else:
+        compiler = getattr(torch, "compiler", None)
+        if compiler is None or not getattr(compiler, "is_compiling", lambda: False)():
+            return None
+        kind = "export" if getattr(compiler, "is_exporting", lambda: False)() else "compile"
+    return "static" if getattr(_state, "static", 0) else kind
 
 
 def is_tracing() -> bool:
     """True while the call is being traced for export or compilation (where per-example kernels hurt)."""
-    if torch.jit.is_tracing() or torch.jit.is_scripting():
-        return True
-    if torch.onnx.is_in_onnx_export():
-        return True
-    compiler = getattr(torch, "compiler", None)
-    if compiler is not None:
-        if getattr(compiler, "is_exporting", lambda: False)():
-            return True
-        if getattr(compiler, "is_compiling", lambda: False)():
-            return True
-    return False
+    return tracing_kind() is not None
 
 
 def is_exporting() -> bool:

@@ -19,8 +19,8 @@ from torch import Tensor
 from condconv.ops.context import autocast_on, is_tracing, needs_grad
 from condconv.ops.decomposed import bmm_columns, mix_kernels
 
-__all__ = ["CHUNK_BYTES", "GROUPED_CHUNK_BYTES", "Columns", "MixedMatmul", "clear_workspace", "fused_bmm",
-           "per_example", "workspace"]
+__all__ = ["CHUNK_BYTES", "GROUPED_CHUNK_BYTES", "SCAN_CHUNK_BYTES", "Columns", "MixedMatmul", "clear_workspace",
+           "fused_bmm", "mix_into_workspace", "per_example", "workspace"]
 
 # glibc's allocator serves blocks under its adaptive mmap threshold from reusable heap memory, larger ones from
 # fresh pages that are faulted in and zero-filled on every call (measured: this costs more than the mixing): each
@@ -28,6 +28,8 @@ __all__ = ["CHUNK_BYTES", "GROUPED_CHUNK_BYTES", "Columns", "MixedMatmul", "clea
 CHUNK_BYTES = 8 * 2**20
 # The grouped convolution loses efficiency when split into small batches; it takes larger chunks.
 GROUPED_CHUNK_BYTES = 64 * 2**20
+# The ``scan`` strategy's per-example convolutions: big chunks, so that the experts are read few times (measured).
+SCAN_CHUNK_BYTES = GROUPED_CHUNK_BYTES
 
 _state = threading.local()
 
@@ -51,7 +53,21 @@ def clear_workspace() -> None:
     _state.workspace = {}
 
 
-def per_example(apply, x, weight, routing, spatial, geometry, out_hw, chunk_bytes: int | None = None) -> Tensor:
+def mix_into_workspace(routing: Tensor, weight: Tensor, spatial: Tensor | None = None) -> Tensor:
+    """:func:`~condconv.ops.decomposed.mix_kernels` into this thread's reusable buffer (inference only: the result is
+    overwritten by the next call). A fresh multi-megabyte kernel would fault in new pages on every call."""
+    batch, experts = routing.shape
+    numel = weight[0].numel()
+    kernels = torch.matmul(routing, weight.reshape(experts, numel),
+                           out=workspace(batch * numel, weight, slot=3).view(batch, numel))
+    kernels = kernels.view(batch, *weight.shape[1:])
+    if spatial is not None:
+        kernels.mul_(spatial.reshape(batch, 1, 1, *spatial.shape[1:]))
+    return kernels
+
+
+def per_example(apply, x, weight, routing, spatial, geometry, out_hw, chunk_bytes: int | None = None,
+                bias: Tensor | None = None) -> Tensor:
     """Mix per-example kernels and ``apply`` them, over batch chunks whose kernels fit in ``chunk_bytes``.
 
     Without autograd on the CPU, each chunk's kernels are mixed into one reused buffer (``matmul(out=)``): fresh
@@ -65,7 +81,7 @@ def per_example(apply, x, weight, routing, spatial, geometry, out_hw, chunk_byte
     reuse = (x.device.type == "cpu" and not needs_grad(x, weight, routing, spatial) and not is_tracing()
              and not autocast_on("cpu") and routing.dtype == weight.dtype)
     if chunk >= batch and not reuse:
-        return apply(x, mix_kernels(routing, weight, spatial), geometry, out_hw)
+        return apply(x, mix_kernels(routing, weight, spatial), geometry, out_hw, bias)
     flat_weight = weight.reshape(experts, numel)
     buffer = workspace(chunk * numel, weight) if reuse else None
     outs = []
@@ -78,7 +94,7 @@ def per_example(apply, x, weight, routing, spatial, geometry, out_hw, chunk_byte
                 kernels.mul_(spatial[i:j].reshape(j - i, 1, 1, *spatial.shape[1:]))
         else:
             kernels = mix_kernels(routing[i:j], weight, None if spatial is None else spatial[i:j])
-        outs.append(apply(x[i:j], kernels, geometry, out_hw))
+        outs.append(apply(x[i:j], kernels, geometry, out_hw, None if bias is None else bias[i:j]))
     return outs[0] if len(outs) == 1 else torch.cat(outs, 0)
 
 
@@ -134,18 +150,22 @@ class MixedMatmul(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, routing: Tensor, spatial: Tensor | None, columns: Columns) -> Tensor:
+    def forward(ctx, x: Tensor, weight: Tensor, routing: Tensor, spatial: Tensor | None, columns: Columns,
+                bias: Tensor | None = None) -> Tensor:
         ctx.save_for_backward(x, weight, routing, spatial)
         ctx.columns = columns
-        return _mixed_matmul_forward(x, weight, routing, spatial, columns)
+        ctx.has_bias = bias is not None
+        return _mixed_matmul_forward(x, weight, routing, spatial, columns, bias)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         x, weight, routing, spatial = ctx.saved_tensors
         columns = ctx.columns
+        grad_bias = grad_out.sum(-1) if ctx.has_bias and ctx.needs_input_grad[5] else None
         if torch.is_grad_enabled():
             # create_graph=True (double backward, gradient penalties): differentiate the plain formulation instead
-            return MixedMatmul._differentiable_backward(ctx, grad_out, x, weight, routing, spatial, columns)
+            return MixedMatmul._differentiable_backward(ctx, grad_out, x, weight, routing, spatial, columns) + \
+                (grad_bias,)
         need_x, need_weight, need_routing, need_spatial = ctx.needs_input_grad[:4]
         need_spatial = need_spatial and spatial is not None
         batch = x.shape[0]
@@ -196,7 +216,7 @@ class MixedMatmul(torch.autograd.Function):
                         grad_routing[i:j].addmm_(grad_k, w_tile.t())
             if need_x:
                 grad_x[i:j] = columns.adjoint(grad_cols.view(n, groups, depth, length))
-        return grad_x, grad_weight, grad_routing, grad_spatial, None
+        return grad_x, grad_weight, grad_routing, grad_spatial, None, grad_bias
 
     @staticmethod
     def _differentiable_backward(ctx, grad_out, x, weight, routing, spatial, columns):
@@ -244,8 +264,8 @@ def _chunk_size(batch: int, numel: int, like: Tensor, budget: int | None = None)
     return max(1, min(batch, (budget or CHUNK_BYTES) // max(1, numel * like.element_size())))
 
 
-def _mixed_matmul_forward(x: Tensor, weight: Tensor, routing: Tensor, spatial: Tensor | None,
-                          columns: Columns) -> Tensor:
+def _mixed_matmul_forward(x: Tensor, weight: Tensor, routing: Tensor, spatial: Tensor | None, columns: Columns,
+                          bias: Tensor | None = None) -> Tensor:
     batch = x.shape[0]
     experts, groups, per_group_out, depth = weight.shape
     length = columns.out_hw[0] * columns.out_hw[1]
@@ -264,24 +284,31 @@ def _mixed_matmul_forward(x: Tensor, weight: Tensor, routing: Tensor, spatial: T
             if spatial is not None:
                 kernels.view(n, -1, kk).mul_(spatial[i:j, None, :])
             target = out[i:j, :, o0:o1]
-            if tile == per_group_out:
-                torch.bmm(kernels.view(n * groups, o1 - o0, depth), cols, out=target.view(n * groups, -1, length))
-            else:
-                target.copy_(torch.bmm(kernels.view(n * groups, o1 - o0, depth), cols).view_as(target))
+            k3 = kernels.view(n * groups, o1 - o0, depth)
+            if bias is None:
+                result = torch.bmm(k3, cols, out=target.view(n * groups, -1, length)) if tile == per_group_out \
+                    else torch.bmm(k3, cols)
+            else:  # the bias goes in as the GEMM's accumulator: no extra pass over the output
+                b3 = bias[i:j, :, o0:o1].reshape(n * groups, o1 - o0, 1)
+                result = torch.baddbmm(b3, k3, cols, out=target.view(n * groups, -1, length)) \
+                    if tile == per_group_out else torch.baddbmm(b3, k3, cols)
+            if tile != per_group_out:
+                target.copy_(result.view_as(target))
     return out
 
 
-def fused_bmm(x, weight, routing, spatial, geometry, out_hw) -> Tensor:
-    """The ``bmm`` strategy through :class:`MixedMatmul` (CPU, no autocast, not tracing)."""
+def fused_bmm(x, weight, routing, spatial, geometry, out_hw, bias: Tensor | None = None) -> Tensor:
+    """The ``bmm`` strategy through :class:`MixedMatmul` (CPU, no autocast, not tracing); ``bias``: ``(B, C_out)``."""
     groups = geometry[3]
     experts, out_channels, in_per_group, kh, kw = weight.shape
     columns = Columns(x.shape, (kh, kw), geometry, out_hw)
     w = weight.reshape(experts, groups, out_channels // groups, in_per_group * kh * kw)
     s = None if spatial is None else spatial.reshape(spatial.shape[0], kh * kw)
-    if needs_grad(x, weight, routing, spatial):
-        out = MixedMatmul.apply(x, w, routing, s, columns)
+    b = None if bias is None else bias.reshape(bias.shape[0], groups, out_channels // groups)
+    if needs_grad(x, weight, routing, spatial, bias):
+        out = MixedMatmul.apply(x, w, routing, s, columns, b)
     else:
-        out = _mixed_matmul_forward(x, w, routing, s, columns)
+        out = _mixed_matmul_forward(x, w, routing, s, columns, b)
     return out.reshape(x.shape[0], out_channels, *out_hw)
 
 

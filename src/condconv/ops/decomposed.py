@@ -6,16 +6,37 @@ without bias:
 
 - :func:`grouped`: per-example kernels, batch folded into the channels, one grouped convolution;
 - :func:`bmm`: per-example kernels applied by a batched matmul (directly for 1x1, after im2col otherwise);
-- :func:`experts`: one convolution with every expert stacked on the output axis, then a routing-weighted sum.
+- :func:`experts`: one convolution with every expert stacked on the output axis, then a routing-weighted sum;
+- :func:`scan`: per-example kernels, one plain convolution per example (a ``scan`` loop when traced by dynamo).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["mix_kernels", "grouped", "bmm", "bmm_columns", "experts", "stack_experts", "weighted_expert_sum"]
+from condconv.ops.context import tracing_kind
+
+try:  # torch >= 2.6: a loop that torch.export keeps symbolic in the batch (exported to ONNX as ``Scan``)
+    from torch._higher_order_ops.scan import scan as _scan_api
+    from torch._higher_order_ops.scan import scan_op as _scan_op
+except ImportError:  # pragma: no cover - older torch
+    _scan_api = _scan_op = None
+
+__all__ = ["mix_kernels", "grouped", "bmm", "bmm_columns", "experts", "stack_experts", "weighted_expert_sum", "scan",
+           "SCAN_TRACEABLE"]
+
+#: Whether this torch has the ``scan`` higher-order operation (so the ``scan`` strategy exports with any batch).
+SCAN_TRACEABLE = _scan_op is not None
+
+
+def _lead(batch: int) -> int:
+    """The batch size for a reshape: ``-1`` while traced, so a graph with a symbolic batch needs no shape arithmetic
+    (``-1`` cannot stand for an empty batch, which eager calls may have)."""
+    return -1 if tracing_kind() is not None else batch
 
 
 def mix_kernels(routing: Tensor, weight: Tensor, spatial: Tensor | None = None) -> Tensor:
@@ -30,26 +51,37 @@ def mix_kernels(routing: Tensor, weight: Tensor, spatial: Tensor | None = None) 
         ``(B, *kernel_shape)``. One matrix multiply: ``B * E * prod(kernel_shape)`` multiply-adds.
     """
     batch, num_experts = routing.shape
-    kernels = torch.matmul(routing, weight.reshape(num_experts, -1)).reshape(batch, *weight.shape[1:])
+    lead = _lead(batch)
+    kernels = torch.matmul(routing, weight.reshape(num_experts, -1))
     if spatial is not None:
-        kernels = kernels * spatial.reshape(batch, 1, 1, *spatial.shape[1:])
-    return kernels
+        # traced for export: the (kh, kw) pattern repeated along each kernel row of C_in/g * kh * kw values, so that the
+        # multiply broadcasts over a long inner span (onnxruntime's Mul is ~10x slower broadcasting a 3x3 pattern)
+        positions = math.prod(spatial.shape[1:])
+        span = math.prod(weight.shape[2:]) if weight.dim() > 3 else positions
+        if lead != -1 or span == positions:
+            pattern = spatial.reshape(lead, 1, 1, positions)
+        else:
+            pattern = spatial.reshape(lead, 1, 1, positions).repeat(1, 1, span // positions, 1)
+        kernels = kernels.reshape(lead, kernels.shape[1] // span, span // positions, positions) * pattern
+    return kernels.reshape(lead, *weight.shape[1:])
 
 
-def grouped(x: Tensor, kernels: Tensor, geometry, out_hw) -> Tensor:
-    """``kernels (B, C_out, C_in/g, kh, kw)`` applied as one convolution with ``B * groups`` groups."""
+def grouped(x: Tensor, kernels: Tensor, geometry, out_hw, bias: Tensor | None = None) -> Tensor:
+    """``kernels (B, C_out, C_in/g, kh, kw)`` applied as one convolution with ``B * groups`` groups (``bias``:
+    ``(B, C_out)``, added by the convolution)."""
     stride, pad, dilation, groups = geometry
     batch, channels, height, width = x.shape
     out_channels = kernels.shape[1]
-    out = F.conv2d(x.reshape(1, batch * channels, height, width), kernels.reshape(-1, *kernels.shape[2:]), None,
-                   stride, pad, dilation, batch * groups)
+    out = F.conv2d(x.reshape(1, batch * channels, height, width), kernels.reshape(-1, *kernels.shape[2:]),
+                   None if bias is None else bias.reshape(-1), stride, pad, dilation, batch * groups)
     return out.reshape(batch, out_channels, *out.shape[-2:])
 
 
 def bmm_columns(x: Tensor, kernel_size, geometry, out_hw) -> Tensor:
     """The input as matmul columns ``(B, groups, C_in/groups * kh * kw, H_out * W_out)`` (a view for 1x1)."""
     stride, pad, dilation, groups = geometry
-    batch, channels = x.shape[:2]
+    batch = _lead(x.shape[0])
+    channels = x.shape[1]
     kh, kw = kernel_size
     length = out_hw[0] * out_hw[1]
     if (kh, kw) == (1, 1):
@@ -60,13 +92,22 @@ def bmm_columns(x: Tensor, kernel_size, geometry, out_hw) -> Tensor:
     return cols.reshape(batch, groups, (channels // groups) * kh * kw, length)
 
 
-def bmm(x: Tensor, kernels: Tensor, geometry, out_hw) -> Tensor:
-    """``kernels (B, C_out, C_in/g, kh, kw)`` applied by a batched matmul with the im2col columns."""
+def bmm(x: Tensor, kernels: Tensor, geometry, out_hw, bias: Tensor | None = None) -> Tensor:
+    """``kernels (B, C_out, C_in/g, kh, kw)`` applied by a batched matmul with the im2col columns (``bias``:
+    ``(B, C_out)``, the matmul's accumulator)."""
     groups = geometry[3]
-    batch = x.shape[0]
+    batch = _lead(x.shape[0])
     out_channels, in_per_group, kh, kw = kernels.shape[1:]
     cols = bmm_columns(x, (kh, kw), geometry, out_hw)
-    out = kernels.reshape(batch, groups, out_channels // groups, in_per_group * kh * kw).matmul(cols)
+    kernels = kernels.reshape(batch, groups, out_channels // groups, in_per_group * kh * kw)
+    if bias is None:
+        out = kernels.matmul(cols)
+    elif tracing_kind() is not None:
+        out = kernels.matmul(cols) + bias.reshape(batch, groups, out_channels // groups, 1)
+    else:
+        n = x.shape[0] * groups
+        out = torch.baddbmm(bias.reshape(n, out_channels // groups, 1), kernels.reshape(n, out_channels // groups, -1),
+                            cols.reshape(n, cols.shape[-2], cols.shape[-1]))
     return out.reshape(batch, out_channels, *out_hw)
 
 
@@ -107,3 +148,44 @@ def experts(x: Tensor, weight: Tensor, routing: Tensor, spatial: Tensor | None, 
             term = weighted_expert_sum(z, routing * spatial[:, i, j:j + 1], groups)
             out = term if out is None else out + term
     return out
+
+
+def _dynamo_compiling() -> bool:
+    check = getattr(getattr(torch, "compiler", None), "is_dynamo_compiling", None)
+    return bool(check is not None and check())
+
+
+def scan(x: Tensor, kernels: Tensor, geometry, out_hw, bias: Tensor | None = None) -> Tensor:
+    """``kernels (B, C_out, C_in/g, kh, kw)``: one plain convolution of each example with its own kernel (and its
+    own bias ``(C_out,)``, a row of ``bias (B, C_out)``).
+
+    At batch size 1 this is exactly the static convolution's work with the mixed kernel. Under ``torch.export``
+    (and so the dynamo-based ONNX exporter) and ``torch.compile`` the loop is torch's ``scan`` higher-order
+    operation, which keeps the batch symbolic: ONNX ``Scan`` with one ``Conv`` (static ``group``) in its body.
+    Eager, and in a static-batch export, it is a Python loop.
+    """
+    stride, pad, dilation, groups = geometry
+
+    def conv(xb: Tensor, kb: Tensor, bb: Tensor | None = None) -> Tensor:
+        return F.conv2d(xb.unsqueeze(0), kb, bb, stride, pad, dilation, groups)
+
+    if tracing_kind() in ("export", "compile"):
+        if _scan_op is None:
+            raise RuntimeError("strategy='scan' needs torch.export's scan operation (torch >= 2.6) to be traced")
+
+        init = x.new_zeros(())
+        xs = [x, kernels] if bias is None else [x, kernels, bias]
+        if _dynamo_compiling():  # torch.compile and strict export: dynamo wants the user-facing function
+
+            def step(carry: Tensor, slices: list[Tensor]) -> tuple[Tensor, Tensor]:
+                return carry.clone(), conv(*slices).squeeze(0)
+
+            return _scan_api(step, init, xs)[1]
+
+        # non-strict torch.export (the ONNX exporter's): the operation itself; the wrapper would run dynamo over
+        # every call, which took a third of a whole model's export time
+        def flat_step(carry: Tensor, *slices: Tensor) -> list[Tensor]:
+            return [carry.clone(), conv(*slices).squeeze(0)]
+
+        return _scan_op(flat_step, [init], xs, ())[1]
+    return torch.cat([conv(x[b], kernels[b], None if bias is None else bias[b]) for b in range(x.shape[0])], 0)
