@@ -29,9 +29,12 @@ def test_reference_loop_equals_odconv(groups, out):
 
 def test_bench_cli_writes_csv_and_tables(tmp_path, capsys):
     out = tmp_path / "bench.csv"
+    threads = torch.get_num_threads()
     code = main(["bench", "layers", "--shapes", "2", "--experts", "2", "--batch", "2", "--modes", "forward", "train",
-                 "--rounds", "1", "--budget", "0", "--threads", "1", "--reference-loop", "--csv", str(out)])
+                 "--rounds", "1", "--budget", "0", "--threads", str(threads + 1), "--reference-loop", "--csv",
+                 str(out)])
     assert code == 0
+    assert torch.get_num_threads() == threads  # --threads is undone for the calling process
     rows = list(csv.DictReader(out.open()))
     names = {(r["kind"], r["strategy"], r["mode"]) for r in rows}
     for mode in ("forward", "train"):

@@ -317,17 +317,12 @@ BIG_ZOO = [(name, conv) for name in ("resnet50", "efficientnet_b0", "mnasnet_a1"
 @needs_ort
 @needs_scan
 @pytest.mark.parametrize("name, conv", BIG_ZOO, ids=[f"{n}-{c}" for n, c in BIG_ZOO])
-def test_zoo_models_export_in_under_30_seconds(tmp_path, name, conv):
-    """The biggest zoo graphs (default placement), 224x224, dynamic batch, dynamo exporter: under 30 s each, and the
-    file runs at batch 1 and 3. (A generous bound on a shared machine; measured 6-16 s in the README.)"""
-    import time
-
+def test_big_zoo_models_export_with_any_batch(tmp_path, name, conv):
+    """The biggest zoo graphs (default placement), 224x224, dynamic batch, dynamo exporter: the file runs at batch 1
+    and 3 like the model. (How long each export takes is measured by benchmarks/export_times.py, not asserted.)"""
     from condconv.models import create_model
 
     model = create_model(name, conv=conv).eval()
-    start = time.perf_counter()
     path = export_model(model, tmp_path / f"{name}.onnx", "onnx", (3, 224, 224), exporter="dynamo")
-    seconds = time.perf_counter() - start
-    assert seconds < 30, f"{name} {conv}: export took {seconds:.1f} s"
     errors = verify_export(path, model, (3, 224, 224), batch_sizes=(1, 3))
     assert max(errors.values()) < 1e-3

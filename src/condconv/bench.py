@@ -25,7 +25,7 @@ from condconv.functional import select_strategy
 from condconv.layers import LAYERS, CondConv2d, ODConv2d
 
 __all__ = ["LayerShape", "BENCH_SHAPES", "BenchRow", "bench_layers", "odconv_reference_loop", "folded_baseline",
-           "format_table", "geomean", "write_csv"]
+           "format_table", "geomean", "write_csv", "timed", "round_robin"]
 
 log = logging.getLogger(__name__)
 
@@ -109,15 +109,16 @@ def folded_baseline(layer: CondConv2d, x: Tensor) -> Tensor:
     return out
 
 
-def _timed(fn: Callable[[], object]) -> float:
+def timed(fn: Callable[[], object]) -> float:
+    """Wall-clock seconds of one call of ``fn``."""
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
 
 
-def _round_robin(candidates: dict[str, Callable[[], object]], min_rounds: int, max_rounds: int,
-                 budget_s: float, timer: Callable[[Callable[[], object]], float] = _timed,
-                 warmup: int = 1) -> tuple[dict[str, float], int]:
+def round_robin(candidates: dict[str, Callable[[], object]], min_rounds: int, max_rounds: int,
+                budget_s: float, timer: Callable[[Callable[[], object]], float] = timed,
+                warmup: int = 1) -> tuple[dict[str, float], int]:
     """Each candidate once per round, for at least ``min_rounds`` rounds and ``budget_s`` seconds (at most
     ``max_rounds``): ``({name: median seconds}, rounds)``. ``timer(fn)`` returns one call's seconds."""
     for _ in range(warmup):  # warm-up (allocator, caches, one-time dispatch)
@@ -192,8 +193,8 @@ def bench_layers(shapes: Iterable[LayerShape] = BENCH_SHAPES, experts: Iterable[
             candidates["folded-baseline"] = _step(layers["condconv"], x, mode, folded_baseline)
         if reference_loop and "odconv" in layers:
             candidates["odconv:reference-loop"] = _step(layers["odconv"], x, mode, odconv_reference_loop)
-        timed = {name: (lambda fn=fn: (fn(), sync())) for name, fn in candidates.items()}
-        medians, rounds = _round_robin(timed, min_rounds, max_rounds, budget_s)
+        synced = {name: (lambda fn=fn: (fn(), sync())) for name, fn in candidates.items()}
+        medians, rounds = round_robin(synced, min_rounds, max_rounds, budget_s)
         base = medians["static"]
         resolved_auto = select_strategy(batch, shape.in_channels, shape.out_channels,
                                         (shape.kernel_size, shape.kernel_size), shape.groups, num_experts,

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from condconv.bench import _round_robin
+from condconv.bench import round_robin, timed
 from condconv.functional import STRATEGIES, use_strategy
 from condconv.layers import DYNAMIC_KINDS, DynamicConvBase
 from condconv.models import create_model
@@ -141,9 +141,7 @@ def _seeded(seed: int):
 def _timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
     """Seconds of one call: CUDA events on CUDA (the device time between two markers), else wall clock."""
     if device.type != "cuda":
-        from condconv.bench import _timed
-
-        return _timed
+        return timed
 
     def cuda_timed(fn: Callable[[], object]) -> float:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -231,7 +229,7 @@ def _eager_rows(spec_args, static, dynamic, mode, batch, strategies, floor, comp
     if floor and not train:
         candidates["mixing floor"] = _mixing_floor(models["dynamic"], batch, device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    medians, count = _round_robin(candidates, rounds, 10_000, budget, timer=_timer(device), warmup=2)
+    medians, count = round_robin(candidates, rounds, 10_000, budget, timer=_timer(device), warmup=2)
     peaks = {name: _peak_mib(fn, device) for name, fn in candidates.items()}
     sync()
     rows = [("eager", name, medians[name], peaks[name], count) for name in candidates]
@@ -246,7 +244,7 @@ def _compiled_rows(models: dict[str, nn.Module], x: Tensor, device: torch.device
     compiled = {name: torch.compile(m, mode=mode, dynamic=False) for name, m in models.items()}
     candidates = {("static" if name == "static" else "auto"): _inference_step(m, x, device)
                   for name, m in compiled.items()}
-    medians, count = _round_robin(candidates, rounds, 10_000, budget, timer=_timer(device), warmup=3)
+    medians, count = round_robin(candidates, rounds, 10_000, budget, timer=_timer(device), warmup=3)
     return [(f"compile ({mode})", name, medians[name], math.nan, count) for name in candidates]
 
 
@@ -303,12 +301,12 @@ def _onnx_rows(static, dynamic, batch, input_size, threads, int8, floor, rounds,
             runs["auto, batch-1 graph"] = _ort_runner(b1, x, threads)
         if floor:
             runs["mixing floor"] = _ort_mixing_floor(dynamic, batch, folder, threads)
-        medians, count = _round_robin(runs, rounds, 10_000, budget, warmup=2)
+        medians, count = round_robin(runs, rounds, 10_000, budget, warmup=2)
         rows += [("onnxruntime", name, medians[name], math.nan, count) for name in runs]
         if int8:
             quantized = {name: quantize_onnx(path, folder / f"{name}-int8.onnx") for name, path in files.items()}
             runs = {name: _ort_runner(path, x, threads) for name, path in quantized.items()}
-            medians, count = _round_robin(runs, rounds, 10_000, budget, warmup=2)
+            medians, count = round_robin(runs, rounds, 10_000, budget, warmup=2)
             rows += [("onnxruntime-int8", name, medians[name], math.nan, count) for name in runs]
     return rows
 

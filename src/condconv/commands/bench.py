@@ -97,9 +97,13 @@ def run(args: argparse.Namespace) -> int:
     for path in (args.csv, getattr(args, "markdown", None)):
         if path:
             new_output(path, args.force)
+    threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
-    return _run_models(args) if args.target == "models" else _run_layers(args)
+    try:
+        return _run_models(args) if args.target == "models" else _run_layers(args)
+    finally:  # a caller in the same process (tests, notebooks) keeps its own thread count
+        torch.set_num_threads(threads)
 
 
 def _run_layers(args: argparse.Namespace) -> int:
