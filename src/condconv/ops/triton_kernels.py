@@ -341,6 +341,36 @@ def _dgrad_depthwise_kernel(dy_ptr, w_ptr, r_ptr, sp_ptr, is_ptr, os_ptr, gx_ptr
 
 
 @triton.jit
+def _tap_rows(p0, OH, OW, H, W, SH, SW, dh0, dw0, BP: tl.constexpr):
+    """Output positions ``p0 .. p0 + BP`` of one kernel position (input offset ``dh0, dw0``): ``(p_ok, oh, ow, ih,
+    iw, x_ok)``, ``x_ok`` where the input row/column falls inside the image."""
+    p = p0 + tl.arange(0, BP)
+    p_ok = p < OH * OW
+    oh = p // OW
+    ow = p % OW
+    ih = oh * SH + dh0
+    iw = ow * SW + dw0
+    x_ok = p_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+    return p_ok, oh, ow, ih, iw, x_ok
+
+
+@triton.jit
+def _attention_factors(graw, isv, osv, HAS_IS: tl.constexpr, HAS_OS: tl.constexpr):
+    """From the raw gradient of one example's kernel (``dy`` times ``x``) and its channel attentions (already shaped
+    to broadcast; ignored unless ``HAS_*``): the gradient of the kernel without the output-channel factor, without
+    the input-channel factor, and with both (the gradient of ``K_b``)."""
+    g_no_os = graw
+    g_no_is = graw
+    if HAS_IS:
+        g_no_os = graw * isv
+    gk = g_no_os
+    if HAS_OS:
+        g_no_is = graw * osv
+        gk = g_no_os * osv
+    return g_no_os, g_no_is, gk
+
+
+@triton.jit
 def _wgrad_dense_kernel(x_ptr, dy_ptr, w_ptr, r_ptr, sp_ptr, is_ptr, os_ptr,
                         gw_ptr, gr_ptr, gsp_ptr, gis_ptr, gos_ptr,
                         B, C, H, W, O, OH, OW, CG, OG, GROUPS, BCHUNK,
@@ -392,13 +422,7 @@ def _wgrad_dense_kernel(x_ptr, dy_ptr, w_ptr, r_ptr, sp_ptr, is_ptr, os_ptr,
         b = b0 + i
         graw = tl.zeros([BO, BC], ACC)
         for p0 in range(0, OH * OW, BP):
-            p = p0 + tl.arange(0, BP)
-            p_ok = p < OH * OW
-            oh = p // OW
-            ow = p % OW
-            ih = oh * SH + dh0
-            iw = ow * SW + dw0
-            x_ok = p_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            p_ok, oh, ow, ih, iw, x_ok = _tap_rows(p0, OH, OW, H, W, SH, SW, dh0, dw0, BP)
             dyt = tl.load(dy_ptr + b.to(tl.int64) * sdb + co[:, None] * sdc + (oh * sdh + ow * sdw)[None, :],
                           mask=o_ok[:, None] & p_ok[None, :], other=0.0)
             xt = tl.load(x_ptr + b.to(tl.int64) * sxb + ci[None, :] * sxc + (ih * sxh + iw * sxw)[:, None],
@@ -408,15 +432,13 @@ def _wgrad_dense_kernel(x_ptr, dy_ptr, w_ptr, r_ptr, sp_ptr, is_ptr, os_ptr,
         s = 1.0
         if HAS_SP:
             s = tl.load(sp_ptr + b * KK + kpos).to(ACC)
-        g_no_os = graw  # gradient of K_b without the output-channel attention's factor
-        g_no_is = graw  # ... without the input-channel attention's factor
+        isv = 1.0
+        osv = 1.0
         if HAS_IS:
-            g_no_os = graw * tl.load(is_ptr + b * C + ci, mask=c_ok, other=0.0).to(ACC)[None, :]
-        gk = g_no_os  # the gradient of K_b
+            isv = tl.load(is_ptr + b * C + ci, mask=c_ok, other=0.0).to(ACC)[None, :]
         if HAS_OS:
             osv = tl.load(os_ptr + b * O + co, mask=o_ok, other=0.0).to(ACC)[:, None]
-            g_no_is = graw * osv
-            gk = g_no_os * osv
+        g_no_os, g_no_is, gk = _attention_factors(graw, isv, osv, HAS_IS, HAS_OS)
         if NEED_W:
             acc_w += (rv * s)[:, None, None] * gk[None, :, :]
         if NEED_R or NEED_SP:
@@ -470,13 +492,7 @@ def _wgrad_depthwise_kernel(x_ptr, dy_ptr, w_ptr, r_ptr, sp_ptr, is_ptr, os_ptr,
         b = b0 + i
         prod = tl.zeros([BP, BO], ACC)
         for p0 in range(0, OH * OW, BP):
-            p = p0 + tl.arange(0, BP)
-            p_ok = p < OH * OW
-            oh = p // OW
-            ow = p % OW
-            ih = oh * SH + dh0
-            iw = ow * SW + dw0
-            x_ok = p_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            p_ok, oh, ow, ih, iw, x_ok = _tap_rows(p0, OH, OW, H, W, SH, SW, dh0, dw0, BP)
             dyt = tl.load(dy_ptr + b.to(tl.int64) * sdb + co[None, :] * sdc + (oh * sdh + ow * sdw)[:, None],
                           mask=p_ok[:, None] & o_ok[None, :], other=0.0)
             xt = tl.load(x_ptr + b.to(tl.int64) * sxb + ci[None, :] * sxc + (ih * sxh + iw * sxw)[:, None],
@@ -487,15 +503,13 @@ def _wgrad_depthwise_kernel(x_ptr, dy_ptr, w_ptr, r_ptr, sp_ptr, is_ptr, os_ptr,
         s = 1.0
         if HAS_SP:
             s = tl.load(sp_ptr + b * KK + kpos).to(ACC)
-        g_no_os = graw
-        g_no_is = graw
+        isv = 1.0
+        osv = 1.0
         if HAS_IS:
-            g_no_os = graw * tl.load(is_ptr + b * C + ci, mask=o_ok, other=0.0).to(ACC)
-        gk = g_no_os
+            isv = tl.load(is_ptr + b * C + ci, mask=o_ok, other=0.0).to(ACC)
         if HAS_OS:
             osv = tl.load(os_ptr + b * O + co, mask=o_ok, other=0.0).to(ACC)
-            g_no_is = graw * osv
-            gk = g_no_os * osv
+        g_no_os, g_no_is, gk = _attention_factors(graw, isv, osv, HAS_IS, HAS_OS)
         if NEED_W:
             acc_w += (rv * s)[:, None] * gk[None, :]
         if NEED_R or NEED_SP:
