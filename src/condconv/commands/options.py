@@ -21,26 +21,24 @@ __all__ = ["add_checkpoint_data_arguments", "add_force_argument", "add_training_
            "new_output", "non_negative_int", "none_or", "positive_int"]
 
 
-def positive_int(text: str) -> int:
-    """An argparse type: an int >= 1."""
+def _int_at_least(text: str, minimum: int, expected: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive int, got {value}")
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an int >= 1."""
+    return _int_at_least(text, 1, "a positive int")
 
 
 def non_negative_int(text: str) -> int:
     """An argparse type: an int >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {value}")
-    return value
+    return _int_at_least(text, 0, "an int >= 0")
 
 
 def add_force_argument(parser: argparse.ArgumentParser) -> None:
