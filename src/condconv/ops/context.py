@@ -56,12 +56,10 @@ def is_tracing() -> bool:
 
 
 def is_exporting() -> bool:
-    """True while the call is traced into a file format (TorchScript, ONNX, ``torch.export``), as opposed to being
-    compiled by ``torch.compile`` (which keeps custom operators such as the Triton kernels)."""
-    if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export():
-        return True
-    compiler = getattr(torch, "compiler", None)
-    return bool(compiler is not None and getattr(compiler, "is_exporting", lambda: False)())
+    """True while the call is traced into a file format (TorchScript and the TorchScript-based ONNX exporter,
+    ``torch.export`` and the dynamo-based ONNX exporter, a static-batch export), as opposed to being compiled by
+    ``torch.compile`` (which keeps custom operators such as the Triton kernels)."""
+    return tracing_kind() in ("jit", "export", "static")
 
 
 def autocast_dtype(device_type: str) -> torch.dtype:
