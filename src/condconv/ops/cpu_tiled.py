@@ -11,6 +11,7 @@ instead of keeping every example's kernel alive.
 from __future__ import annotations
 
 import threading
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -53,13 +54,13 @@ def clear_workspace() -> None:
     _state.workspace = {}
 
 
-def mix_into_workspace(routing: Tensor, weight: Tensor, spatial: Tensor | None = None) -> Tensor:
-    """:func:`~condconv.ops.decomposed.mix_kernels` into this thread's reusable buffer (inference only: the result is
-    overwritten by the next call). A fresh multi-megabyte kernel would fault in new pages on every call."""
+def mix_into_workspace(routing: Tensor, weight: Tensor, spatial: Tensor | None = None, slot: int = 3) -> Tensor:
+    """:func:`~condconv.ops.decomposed.mix_kernels` into this thread's reusable buffer ``slot`` (inference only: the
+    result is overwritten by the next call). A fresh multi-megabyte kernel would fault in new pages on every call."""
     batch, experts = routing.shape
     numel = weight[0].numel()
     kernels = torch.matmul(routing, weight.reshape(experts, numel),
-                           out=workspace(batch * numel, weight, slot=3).view(batch, numel))
+                           out=workspace(batch * numel, weight, slot=slot).view(batch, numel))
     kernels = kernels.view(batch, *weight.shape[1:])
     if spatial is not None:
         kernels.mul_(spatial.reshape(batch, 1, 1, *spatial.shape[1:]))
@@ -73,7 +74,7 @@ def per_example(apply, x, weight, routing, spatial, geometry, out_hw, chunk_byte
     Without autograd on the CPU, each chunk's kernels are mixed into one reused buffer (``matmul(out=)``): fresh
     multi-megabyte allocations fault in zeroed pages on every call, which can cost more than the mixing itself.
     """
-    batch, experts = routing.shape
+    batch = routing.shape[0]
     numel = weight[0].numel()
     chunk = batch
     if x.device.type == "cpu" and not is_tracing():
@@ -82,18 +83,11 @@ def per_example(apply, x, weight, routing, spatial, geometry, out_hw, chunk_byte
              and not autocast_on("cpu") and routing.dtype == weight.dtype)
     if chunk >= batch and not reuse:
         return apply(x, mix_kernels(routing, weight, spatial), geometry, out_hw, bias)
-    flat_weight = weight.reshape(experts, numel)
-    buffer = workspace(chunk * numel, weight) if reuse else None
+    mix = partial(mix_into_workspace, slot=0) if reuse else mix_kernels  # reuse: one buffer for every chunk
     outs = []
     for i in range(0, batch, chunk):
         j = min(i + chunk, batch)
-        if buffer is not None:
-            kernels = torch.matmul(routing[i:j], flat_weight, out=buffer[:(j - i) * numel].view(j - i, numel))
-            kernels = kernels.view(j - i, *weight.shape[1:])
-            if spatial is not None:
-                kernels.mul_(spatial[i:j].reshape(j - i, 1, 1, *spatial.shape[1:]))
-        else:
-            kernels = mix_kernels(routing[i:j], weight, None if spatial is None else spatial[i:j])
+        kernels = mix(routing[i:j], weight, None if spatial is None else spatial[i:j])
         outs.append(apply(x[i:j], kernels, geometry, out_hw, None if bias is None else bias[i:j]))
     return outs[0] if len(outs) == 1 else torch.cat(outs, 0)
 
