@@ -51,6 +51,7 @@ __all__ = [
     "remove_temporaries",
     "resolve_weights_path",
     "save_weights",
+    "weights_step",
     "write_checkpoint",
 ]
 
@@ -98,6 +99,20 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
     except Exception as exc:  # safetensors raises its own error types for truncated or malformed files
         raise ValueError(f"corrupt or unreadable weights file {path}: {exc}") from exc
     return tensors, metadata
+
+
+def weights_step(path: str | os.PathLike) -> int | None:
+    """The ``global_step`` recorded in a weights file's metadata (None: no such file, or none recorded)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return int((f.metadata() or {}).get("global_step", ""))
+    except Exception:  # noqa: BLE001 - unreadable, or without a step
+        return None
 
 
 def _config_from_metadata(path: Path, metadata: Mapping[str, str]) -> dict[str, Any]:

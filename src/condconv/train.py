@@ -224,19 +224,6 @@ def _merge_resume_config(state: Mapping[str, Any], config: configuration.TrainCo
     return configuration.TrainConfig.from_dict(merged, source=str(source))
 
 
-def _weights_step(path: Path) -> int | None:
-    """The ``global_step`` recorded in a weights file (None: no such file, or none recorded)."""
-    if not path.is_file():
-        return None
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            return int((f.metadata() or {}).get("global_step", ""))
-    except Exception:  # noqa: BLE001 - unreadable or without a step: rewrite it
-        return None
-
-
 def _check_finite(model: nn.Module, optimizer: torch.optim.Optimizer) -> str | None:
     """The name of the first non-finite parameter, buffer or optimizer-state tensor, or None."""
     for name, tensor in [*model.state_dict().items()]:
@@ -665,7 +652,8 @@ class _Trainer:
     # ---- the end ---------------------------------------------------------------------------------------------
     def _finish(self) -> TrainResult:
         final = self.run_dir / "model.safetensors"
-        if self.dist.main and not (self.global_step == self.first_step and _weights_step(final) == self.global_step):
+        unchanged = self.global_step == self.first_step and ckpt.weights_step(final) == self.global_step
+        if self.dist.main and not unchanged:  # a finished run resumed again trains and writes nothing
             # the final weights are what was evaluated: the weight average when there is one
             with self.ema.applied(self.model) if self.ema is not None else contextlib.nullcontext():
                 ckpt.save_weights(self.model, final, self.saved_config, global_step=self.global_step)
