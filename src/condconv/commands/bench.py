@@ -4,14 +4,13 @@ and of whole dynamic models against their static twins (eager, compiled, onnxrun
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
 import torch
 
 from condconv._checks import parse_kwargs
 from condconv.bench import BENCH_SHAPES, STRATEGY_CANDIDATES, bench_layers, format_table, write_csv
-from condconv.commands.options import add_force_argument, new_output, positive_int
+from condconv.commands.options import add_force_argument, new_output, non_negative_float, positive_int
 from condconv.fileio import atomic_output
 from condconv.functional import STRATEGIES
 from condconv.layers import DYNAMIC_KINDS
@@ -27,17 +26,6 @@ _TARGET_ONLY = (
     ("input_size", "--input-size", "models"), ("markdown", "--markdown", "models"),
     ("model_kwargs", "--model-kwargs", "models"),
 )
-
-
-def non_negative_float(text: str) -> float:
-    """An argparse type: a finite number >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text!r}") from None
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text!r}")
-    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -18,7 +19,7 @@ from condconv.optim import OPTIMIZERS
 from condconv.runtime import AMP_CHOICES
 
 __all__ = ["add_checkpoint_data_arguments", "add_force_argument", "add_training_options", "config_from_args", "flag",
-           "new_output", "non_negative_int", "none_or", "positive_int"]
+           "new_output", "non_negative_float", "non_negative_int", "none_or", "positive_int"]
 
 
 def _int_at_least(text: str, minimum: int, expected: str) -> int:
@@ -39,6 +40,17 @@ def positive_int(text: str) -> int:
 def non_negative_int(text: str) -> int:
     """An argparse type: an int >= 0."""
     return _int_at_least(text, 0, "an int >= 0")
+
+
+def non_negative_float(text: str) -> float:
+    """An argparse type: a finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text!r}")
+    return value
 
 
 def add_force_argument(parser: argparse.ArgumentParser) -> None:
