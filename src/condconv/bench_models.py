@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from condconv._checks import positive_int
 from condconv.bench import round_robin, timed
 from condconv.functional import STRATEGIES, use_strategy
 from condconv.layers import DYNAMIC_KINDS, DynamicConvBase
@@ -409,8 +410,7 @@ def _check_options(batch_sizes, train_batch_sizes, strategies, input_size, min_r
         raise ValueError(f"strategies must be a non-empty list of {STRATEGIES}, got {list(strategies)!r}")
     if len(tuple(input_size)) != 3 or any(not isinstance(s, int) or s < 1 for s in input_size):
         raise ValueError(f"input_size must be three positive ints (C, H, W), got {input_size!r}")
-    if isinstance(min_rounds, bool) or not isinstance(min_rounds, int) or min_rounds < 1:
-        raise ValueError(f"min_rounds must be a positive int, got {min_rounds!r}")
+    positive_int(min_rounds, "min_rounds")
     if not isinstance(budget_s, (int, float)) or not budget_s >= 0:
         raise ValueError(f"budget_s must be a non-negative number, got {budget_s!r}")
     return strategies

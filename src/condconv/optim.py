@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from condconv._checks import positive_int
 from condconv.config import TrainConfig
 
 __all__ = [
@@ -174,13 +175,10 @@ def scaled_lr(lr: float, batch_size: int, reference_batch: int | None) -> float:
         reference_batch: the batch size ``lr`` is for, or None.
     """
     lr = _number(lr, "lr", strict=True)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    positive_int(batch_size, "batch_size")
     if reference_batch is None:
         return lr
-    if isinstance(reference_batch, bool) or not isinstance(reference_batch, int) or reference_batch < 1:
-        raise ValueError(f"reference_batch must be an int >= 1 or None, got {reference_batch!r}")
-    return lr * batch_size / reference_batch
+    return lr * batch_size / positive_int(reference_batch, "reference_batch")
 
 
 def peak_lr(config: TrainConfig, world_size: int = 1) -> float:
@@ -327,8 +325,7 @@ def make_schedule(schedule: str = "cosine", *, steps_per_epoch: int, epochs: int
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
     for name, value in (("steps_per_epoch", steps_per_epoch), ("epochs", epochs)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        positive_int(value, name)
     warmup = int(round(_number(warmup_epochs, "warmup_epochs") * steps_per_epoch))
     if schedule == "cosine":
         return WarmupCosine(warmup, steps_per_epoch * epochs, peak, floor)

@@ -42,6 +42,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from condconv._checks import positive_int
 from condconv.ops.shapes import memory_format_of, output_hw
 
 __all__ = ["triton_status", "triton_dynamic_conv2d"]
@@ -165,8 +166,7 @@ def _check_shapes(tensors: dict, groups: int) -> None:
         raise ValueError(f"weight must have no empty dimension, got shape {tuple(weight.shape)}")
     experts, out_channels, in_per_group, kh, kw = weight.shape
     batch, channels = x.shape[:2]
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
-        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    positive_int(groups, "groups")
     if out_channels % groups:
         raise ValueError(f"weight's out_channels ({out_channels}) must be divisible by groups ({groups})")
     if channels != in_per_group * groups:
