@@ -216,13 +216,11 @@ class TrainConfig:
         for name in ("keep_checkpoints", "log_every"):
             if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
                 bad(name, "an int >= 1")
-        if self.optimizer not in ("sgd", "adamw", "rmsprop_tf"):
-            bad("optimizer", "'sgd', 'adamw' or 'rmsprop_tf'")
         if self.global_batch_size is not None and not (_is_int(self.global_batch_size) and self.global_batch_size >= 1):
             bad("global_batch_size", "an int >= 1 or None")
         if self.recipe is not None and not isinstance(self.recipe, str):
             bad("recipe", "a recipe name or None")
-        validate_knobs(self.to_dict())
+        validate_knobs(self.to_dict())  # optimizer, schedules, weight average, augmentation
         if not (_is_number(self.lr) and self.lr > 0):
             bad("lr", "a positive number")
         for name in ("momentum", "weight_decay", "warmup_epochs", "min_lr", "mixup"):

@@ -37,6 +37,7 @@ from torch import nn
 
 from condconv._checks import positive_int
 from condconv.config import TrainConfig
+from condconv.recipes import OPTIMIZERS, SCHEDULES, WEIGHT_DECAY_EXCLUDE
 
 __all__ = [
     "OPTIMIZERS", "SCHEDULES", "WEIGHT_DECAY_EXCLUDE", "RMSpropTF", "WarmupConstant", "WarmupCosine",
@@ -44,9 +45,6 @@ __all__ = [
     "peak_lr", "scaled_lr",
 ]  # fmt: skip
 
-OPTIMIZERS = ("sgd", "adamw", "rmsprop_tf")
-SCHEDULES = ("cosine", "step", "exponential", "constant")
-WEIGHT_DECAY_EXCLUDE = ("norm_and_bias", "norm", "none")
 
 _NORM_TYPES: tuple[type, ...] = tuple(
     t for t in (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, getattr(nn, "RMSNorm", None)) if t

@@ -8,42 +8,11 @@ the official code or paper text) and ``options``: training options by their :cla
 names, with the source of each value in a comment. :func:`load_recipe` returns the options; :func:`recipe_about` the
 rest.
 
-Options the recipes use that ``TrainConfig`` has today: model, conv, experts, width, dropout, model_kwargs, dataset,
-image_size, epochs, batch_size (the papers' global batch), optimizer, lr, momentum, weight_decay, warmup_epochs,
-min_lr, label_smoothing, mixup, grad_clip, temperature_start, temperature_end, temperature_epochs (10: the papers
-anneal over a fixed 10 epochs, not a fraction).
-
-New training options (:data:`KNOBS`, name: type = default, meaning):
-
-- optimizer: str = 'sgd' -- new choice ``'rmsprop_tf'`` (:class:`condconv.optim.RMSpropTF`); 'sgd', 'adamw' as today.
-- nesterov: bool = True -- SGD with Nesterov momentum (today's behaviour) or plain momentum (False: ODConv's code).
-- rmsprop_decay: float = 0.9 -- RMSProp mean-square decay (TensorFlow's ``decay``, torch's ``alpha``); in [0, 1).
-- rmsprop_eps: float = 1e-3 -- RMSProp epsilon, inside the square root; > 0.
-- weight_decay_exclude: str = 'norm_and_bias' -- parameters without weight decay: 'norm_and_bias' (today), 'norm'
-  (the TPU trainer: BatchNorm only), 'none' (every parameter decayed: ODConv's code).
-- lr_reference_batch: int | None = None -- the global batch ``lr`` is tuned for; the optimizer uses
-  ``lr * batch_size * world_size / lr_reference_batch`` (None: ``lr`` as given).
-- lr_schedule: str = 'cosine' -- 'cosine' (to ``min_lr``), 'step', 'exponential' or 'constant'; all per optimizer
-  step after ``warmup_epochs`` of linear warm-up.
-- lr_milestones: list[float] = [30, 60, 90] -- epochs at which 'step' multiplies the lr by ``lr_gamma``.
-- lr_gamma: float | None = None -- factor of each decay (None: 0.1 for 'step', 0.97 for 'exponential'); > 0.
-- lr_decay_epochs: float = 2.4 -- interval of the 'exponential' decays, in epochs; > 0.
-- lr_staircase: bool = True -- 'exponential' decays at whole intervals (TensorFlow's staircase) or continuously.
-- ema_decay: float = 0.0 -- exponential moving average of the weights (:class:`condconv.ema.ModelEma`); 0 = off;
-  in [0, 1). The TPU trainer evaluates the averaged weights.
-- ema_warmup: bool = True -- TensorFlow's ``min(decay, (1 + k) / (10 + k))`` at update ``k``.
-- augment: str = 'none' -- 'none', 'autoaugment' (policy v0) or 'randaugment' (:mod:`condconv.augment`), on the
-  uint8 training crop after the random crop and flip.
-- randaug_layers: int = 2 -- RandAugment's N; >= 0.
-- randaug_magnitude: float = 10 -- RandAugment's M (0..10 scale; above 10 extrapolates); >= 0.
-
-Model-builder options, under ``model_kwargs`` (:data:`MODEL_KNOBS`; the model builders must accept them):
-
-- drop_connect_rate: float = 0.0 -- stochastic depth of the inverted-residual blocks (TF EfficientNet's
-  ``1 - survival_prob``, scaled linearly with the block index: block ``i`` of ``n`` drops with ``rate * i / n``).
-- bn_momentum: float | None = None -- BatchNorm momentum in PyTorch's convention (``1 -`` TensorFlow's: TF 0.99 is
-  0.01 here); None: the builder's default (0.1).
-- bn_eps: float | None = None -- BatchNorm epsilon (None: 1e-5; the TPU trainer's EfficientNets use 1e-3).
+Every option of a recipe is a :class:`~condconv.config.TrainConfig` field, documented there, and also works on
+its own from the command line and a config file; :data:`KNOBS` lists the ones the recipes brought (with their
+defaults and meanings), :data:`MODEL_KNOBS` the model-builder options
+they set under ``model_kwargs`` (``drop_connect_rate``, ``bn_momentum``, ``bn_eps``). The papers anneal the routers'
+temperature over a fixed 10 epochs (``temperature_epochs: 10``), not a fraction of the run.
 """
 
 from __future__ import annotations
@@ -56,8 +25,15 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from condconv._checks import OptionError
+from condconv.augment import AUGMENTATIONS
 
-__all__ = ["KNOBS", "MODEL_KNOBS", "Knob", "list_recipes", "load_recipe", "recipe_about", "validate_knobs"]
+__all__ = ["KNOBS", "MODEL_KNOBS", "Knob", "OPTIMIZERS", "SCHEDULES", "WEIGHT_DECAY_EXCLUDE", "list_recipes",
+           "load_recipe", "recipe_about", "validate_knobs"]
+
+#: The choices of ``optimizer``, ``lr_schedule`` and ``weight_decay_exclude`` (:mod:`condconv.optim` builds them).
+OPTIMIZERS = ("sgd", "adamw", "rmsprop_tf")
+SCHEDULES = ("cosine", "step", "exponential", "constant")
+WEIGHT_DECAY_EXCLUDE = ("norm_and_bias", "norm", "none")
 
 
 class Knob(NamedTuple):
@@ -167,6 +143,12 @@ def _number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")
 
 
+def _one_of(choices: tuple[str, ...]) -> str:
+    """``'a', 'b' or 'c'``."""
+    quoted = [repr(c) for c in choices]
+    return ", ".join(quoted[:-1]) + " or " + quoted[-1]
+
+
 def validate_knobs(options: Mapping[str, Any]) -> None:
     """Check the values of the :data:`KNOBS` present in ``options`` (others are ignored).
 
@@ -174,15 +156,14 @@ def validate_knobs(options: Mapping[str, Any]) -> None:
         ValueError (``condconv._checks.OptionError``): the first invalid knob, named with the expected value.
     """
     checks = {
-        "optimizer": (lambda v: v in ("sgd", "adamw", "rmsprop_tf"), "'sgd', 'adamw' or 'rmsprop_tf'"),
+        "optimizer": (lambda v: v in OPTIMIZERS, _one_of(OPTIMIZERS)),
         "nesterov": (lambda v: isinstance(v, bool), "a bool"),
         "rmsprop_decay": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
         "rmsprop_eps": (lambda v: _number(v) and v > 0, "a positive number"),
-        "weight_decay_exclude": (lambda v: v in ("norm_and_bias", "norm", "none"), "'norm_and_bias', 'norm' or 'none'"),
+        "weight_decay_exclude": (lambda v: v in WEIGHT_DECAY_EXCLUDE, _one_of(WEIGHT_DECAY_EXCLUDE)),
         "lr_reference_batch": (lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 1),
                                "an int >= 1 or None"),
-        "lr_schedule": (lambda v: v in ("cosine", "step", "exponential", "constant"),
-                        "'cosine', 'step', 'exponential' or 'constant'"),
+        "lr_schedule": (lambda v: v in SCHEDULES, _one_of(SCHEDULES)),
         "lr_milestones": (lambda v: isinstance(v, (list, tuple)) and all(_number(m) and m >= 0 for m in v),
                           "a list of epochs >= 0"),
         "lr_gamma": (lambda v: v is None or (_number(v) and v > 0), "a positive number or None"),
@@ -190,7 +171,7 @@ def validate_knobs(options: Mapping[str, Any]) -> None:
         "lr_staircase": (lambda v: isinstance(v, bool), "a bool"),
         "ema_decay": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
         "ema_warmup": (lambda v: isinstance(v, bool), "a bool"),
-        "augment": (lambda v: v in ("none", "autoaugment", "randaugment"), "'none', 'autoaugment' or 'randaugment'"),
+        "augment": (lambda v: v in AUGMENTATIONS, _one_of(AUGMENTATIONS)),
         "randaug_layers": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an int >= 0"),
         "randaug_magnitude": (lambda v: _number(v) and v >= 0, "a number >= 0"),
     }
