@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 
@@ -53,9 +54,11 @@ def positive_int(value: object, name: str) -> int:
 
 
 def positive_number(value: object, name: str) -> float:
-    """``value`` as a float if it is a real number > 0."""
+    """``value`` as a float if it is a finite real number > 0."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         raise ValueError(f"{name} must be a positive number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite positive number, got {value!r}")
     return float(value)
 
 

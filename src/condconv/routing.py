@@ -17,7 +17,6 @@ papers' code does; see each class): the official initialisers were read in tenso
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
@@ -39,10 +38,7 @@ __all__ = [
 
 
 def _check_temperature(value: object) -> float:
-    value = positive_number(value, "temperature")
-    if not math.isfinite(value):
-        raise ValueError(f"temperature must be a finite positive number, got {value!r}")
-    return value
+    return positive_number(value, "temperature")
 
 
 def _check_dropout(value: object) -> float:
