@@ -176,16 +176,24 @@ def _fwd_depthwise_kernel(x_ptr, w_ptr, r_ptr, bias_ptr, sp_ptr, is_ptr, os_ptr,
 
 
 @triton.jit
-def _phase_rows(pid_m, ph, pw, H, W, SH, SW, BM: tl.constexpr):
-    """Input positions ``(ih, iw)`` of stride phase ``(ph, pw)`` handled by row block ``pid_m``, their
-    coordinates ``(qi, qj)`` within the phase (``ih = ph + qi * SH``) and validity."""
+def _phase_rows(pid, H, W, SH, SW, BM: tl.constexpr):
+    """The input rows of program ``pid`` of an input-gradient grid ``(row blocks * rest * stride phases)``: ``(rest,
+    ph, pw, ih, iw, qi, qj, ok)``: the index left for the caller (example, group), the stride phase ``(ph, pw)``, its
+    input positions ``(ih, iw)`` handled by this row block, their coordinates ``(qi, qj)`` within the phase
+    (``ih = ph + qi * SH``) and validity."""
+    n_mb = tl.cdiv(tl.cdiv(H, SH) * tl.cdiv(W, SW), BM)
+    pid_m = pid % n_mb
+    rest = pid // n_mb
+    phase = rest % (SH * SW)
+    ph = phase // SW
+    pw = phase % SW
     qw = (W - pw + SW - 1) // SW
     qh = (H - ph + SH - 1) // SH
     q = pid_m * BM + tl.arange(0, BM)
     qw_ = tl.maximum(qw, 1)  # a phase may be empty (qw == 0): its rows all fail the validity test
     qi = q // qw_
     qj = q % qw_
-    return ph + qi * SH, pw + qj * SW, qi, qj, q < qh * qw
+    return rest // (SH * SW), ph, pw, ph + qi * SH, pw + qj * SW, qi, qj, q < qh * qw
 
 
 @triton.jit
@@ -222,17 +230,9 @@ def _dgrad_dense_kernel(dy_ptr, w_ptr, r_ptr, sp_ptr, is_ptr, os_ptr, gx_ptr,
     of them receive from the output grid or none do, and the ones that do not are skipped.
     """
     KK: tl.constexpr = KH * KW
-    n_mb = tl.cdiv(tl.cdiv(H, SH) * tl.cdiv(W, SW), BM)
-    pid = tl.program_id(0)
-    pid_m = pid % n_mb
-    rest = pid // n_mb
-    phase = rest % (SH * SW)
-    bg = rest // (SH * SW)
+    bg, ph, pw, ih, iw, qi, qj, m_ok = _phase_rows(tl.program_id(0), H, W, SH, SW, BM)
     b = bg // GROUPS
     g = bg % GROUPS
-    ph = phase // SW
-    pw = phase % SW
-    ih, iw, qi, qj, m_ok = _phase_rows(pid_m, ph, pw, H, W, SH, SW, BM)
     offs_c = tl.program_id(1) * BN + tl.arange(0, BN)
     c_ok = offs_c < CG
     offs_k = tl.arange(0, BK)
@@ -298,15 +298,7 @@ def _dgrad_depthwise_kernel(dy_ptr, w_ptr, r_ptr, sp_ptr, is_ptr, os_ptr, gx_ptr
                             STRIDED: tl.constexpr, ACC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     """Input gradient of a depthwise layer. Grid: (row blocks * B * stride phases, channel blocks)."""
     KK: tl.constexpr = KH * KW
-    n_mb = tl.cdiv(tl.cdiv(H, SH) * tl.cdiv(W, SW), BM)
-    pid = tl.program_id(0)
-    pid_m = pid % n_mb
-    rest = pid // n_mb
-    phase = rest % (SH * SW)
-    b = rest // (SH * SW)
-    ph = phase // SW
-    pw = phase % SW
-    ih, iw, qi, qj, m_ok = _phase_rows(pid_m, ph, pw, H, W, SH, SW, BM)
+    b, ph, pw, ih, iw, qi, qj, m_ok = _phase_rows(tl.program_id(0), H, W, SH, SW, BM)
     ci = tl.program_id(1) * BN + tl.arange(0, BN)
     c_ok = ci < C
     dy_b = dy_ptr + b.to(tl.int64) * sdb
