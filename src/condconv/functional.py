@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from condconv._checks import positive_int
 from condconv.ops import cpu_tiled, decomposed
 from condconv.ops.context import autocast_dtype, autocast_on, is_exporting, is_tracing, needs_grad, tracing_kind
 from condconv.ops.cpu_tiled import clear_workspace
@@ -261,8 +262,7 @@ def _validate(x: Tensor, weight: Tensor, routing: Tensor, bias: Tensor | None, s
     """Check a call's arguments (``ValueError``/``TypeError`` naming the argument) and work out its geometry."""
     _check_tensors(x, weight, routing, bias, spatial)
     experts, out_channels, in_per_group, kh, kw = weight.shape
-    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
-        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    positive_int(groups, "groups")
     if out_channels % groups:
         raise ValueError(f"weight's out_channels ({out_channels}) must be divisible by groups ({groups})")
     batch, in_channels, height, width = x.shape
