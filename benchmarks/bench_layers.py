@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from condconv.bench import BENCH_SHAPES, bench_layers, format_table, write_csv
+from condconv.bench.layers import BENCH_SHAPES, bench_layers, format_table, write_csv
 
 
 def main(argv: list[str] | None = None) -> int:

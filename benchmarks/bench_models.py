@@ -18,10 +18,10 @@ import sys
 
 import torch
 
-from condconv.bench import write_csv
-from condconv.bench_models import MODES, bench_models, format_model_table
-from condconv.commands.options import positive_int
-from condconv.functional import STRATEGIES
+from condconv.bench.layers import write_csv
+from condconv.bench.models import MODES, bench_models, format_model_table
+from condconv.cli.commands.options import positive_int
+from condconv.nn.functional import STRATEGIES
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-from condconv.export import export_model, load_exported
-from condconv.layers import DYNAMIC_KINDS
+from condconv.deploy.export import export_model, load_exported
 from condconv.models import create_model, list_models
+from condconv.nn.layers import DYNAMIC_KINDS
 
 PRESET_PATTERNS = ("condconv_*", "dy_*", "odconv_*")
 

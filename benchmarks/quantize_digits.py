@@ -4,8 +4,9 @@
 
 Trains a CondConv model and its static twin with `condconv.train_model` on the UCI digits (sklearn's, upsampled to
 32x32), exports both with `condconv.export_model` (dynamic batch), quantizes both with
-`condconv.quantize.quantize_onnx` (int8 weights of every MatMul/Gemm: the expert banks, routers, classifier), then
-evaluates top-1 on the digits test split with onnxruntime and times batch-1 latency (one thread, interleaved rounds).
+`condconv.deploy.quantize.quantize_onnx` (int8 weights of every MatMul/Gemm: the expert banks, routers,
+classifier), then evaluates top-1 on the digits test split with onnxruntime and times batch-1 latency (one
+thread, interleaved rounds).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 
 import condconv
 from condconv.data import EpochLoader, build_dataset
-from condconv.quantize import quantize_onnx
+from condconv.deploy.quantize import quantize_onnx
 
 
 def _session(path: Path) -> ort.InferenceSession:

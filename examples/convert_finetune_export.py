@@ -6,7 +6,7 @@ arXiv:1904.04971).
 Steps (all on the embedded UCI digits, so nothing is downloaded; about a minute on an idle 2-core CPU):
 
 1. train a small static ResNet-18 (the "pretrained" model) with ``condconv.train_model``;
-2. ``condconv.convert`` its last third of convolutions to 4-expert CondConv layers — the accuracy is unchanged,
+2. ``condconv.nn.convert`` its last third of convolutions to 4-expert CondConv layers — the accuracy is unchanged,
    since conversion preserves the function — with a small expert perturbation so the experts can specialise;
 3. fine-tune the converted model for a few epochs with a plain PyTorch loop;
 4. ``condconv.export_model`` to ONNX with a dynamic batch axis and run it with onnxruntime at two batch sizes.
@@ -35,7 +35,7 @@ import torch.nn.functional as F
 import condconv
 from condconv import TrainConfig, load_checkpoint, train_model
 from condconv.data import EpochLoader, build_dataset
-from condconv.evaluate import evaluate
+from condconv.training.evaluate import evaluate
 
 
 def fine_tune(model: torch.nn.Module, loader: EpochLoader, epochs: int, lr: float) -> None:

@@ -16,7 +16,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import condconv.functional as functional
+import condconv.nn.functional as functional
 
 
 class _ConvLog(TorchDispatchMode):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image, ImageEnhance, ImageOps
 
-from condconv.augment import (
+from condconv.data.augment import (
     OPS,
     POLICY_V0,
     RANDAUGMENT_OPS,

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import condconv
-from condconv.bench import folded_baseline, format_table, geomean, odconv_reference_loop
+from condconv.bench.layers import folded_baseline, format_table, geomean, odconv_reference_loop
 from condconv.cli import main
 
 

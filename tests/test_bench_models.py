@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import condconv
-from condconv.bench_models import MODEL_SETS, ModelSpec, bench_models, format_model_table, resolve_models
+from condconv.bench.models import MODEL_SETS, ModelSpec, bench_models, format_model_table, resolve_models
 from condconv.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -28,8 +28,8 @@ def test_model_specs_and_sets():
         with pytest.raises(ValueError, match="MODEL:CONV:EXPERTS"):
             ModelSpec.parse(bad)
     static, dynamic = ModelSpec.parse("resnet18_cifar:condconv:2:all").build(num_classes=10)
-    assert not any(isinstance(m, condconv.layers.DynamicConvBase) for m in static.modules())
-    assert sum(isinstance(m, condconv.layers.DynamicConvBase) for m in dynamic.modules()) > 10
+    assert not any(isinstance(m, condconv.nn.layers.DynamicConvBase) for m in static.modules())
+    assert sum(isinstance(m, condconv.nn.layers.DynamicConvBase) for m in dynamic.modules()) > 10
 
 
 def test_bench_models_rows_and_ratios():
@@ -102,7 +102,7 @@ def test_cli_bench_flags_validate(argv):
 @needs_ort
 def test_quantize_onnx_keeps_outputs_close_and_shrinks_the_experts(tmp_path):
     onnx = pytest.importorskip("onnx")
-    from condconv.quantize import quantize_onnx
+    from condconv.deploy.quantize import quantize_onnx
 
     torch.manual_seed(0)
     net = condconv.create_model("mobilenet_v2_cifar", num_classes=10, width_mult=0.5, conv="condconv",

@@ -1,4 +1,4 @@
-"""condconv.convert: function-preserving conversion of nn.Conv2d layers, layer selection, errors, CLI."""
+"""condconv.nn.convert: function-preserving conversion of nn.Conv2d layers, layer selection, errors, CLI."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import torch
 from torch import nn
 
 import condconv
-from condconv.checkpoint import load_checkpoint
 from condconv.cli import main as cli_main
-from condconv.convert import apply_conversion, list_convs, select_convs
 from condconv.models import create_model
+from condconv.models.checkpoint import load_checkpoint
+from condconv.nn.convert import apply_conversion, list_convs, select_convs
 
 KINDS = ["condconv", "dynamic", "odconv"]
 LAYER = {"condconv": condconv.CondConv2d, "dynamic": condconv.DynamicConv2d, "odconv": condconv.ODConv2d}

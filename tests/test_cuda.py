@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import condconv
-from condconv.reference import reference_dynamic_conv2d
+from condconv.nn.reference import reference_dynamic_conv2d
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 

@@ -11,11 +11,11 @@ import torch
 from torch import nn
 
 import condconv
-import condconv.functional as functional
+import condconv.nn.functional as functional
 from condconv import dynamic_conv2d, select_strategy
-from condconv.export import export_model, load_exported, verify_export
-from condconv.ops.decomposed import SCAN_TRACEABLE
-from condconv.reference import reference_dynamic_conv2d
+from condconv.deploy.export import export_model, load_exported, verify_export
+from condconv.nn.ops.decomposed import SCAN_TRACEABLE
+from condconv.nn.reference import reference_dynamic_conv2d
 
 pytestmark = pytest.mark.usefixtures("clean_strategy")
 
@@ -231,7 +231,7 @@ def test_layers_validate_once_per_input_signature(monkeypatch, kind):
         return original(*args, **kwargs)
 
     monkeypatch.setattr(functional, "_validate", counting)
-    monkeypatch.setattr(condconv.layers, "_validate", counting)
+    monkeypatch.setattr(condconv.nn.layers, "_validate", counting)
     x = torch.randn(2, 4, 7, 7)
     first = layer(x)
     for _ in range(3):

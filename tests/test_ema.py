@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from condconv.ema import ModelEma
+from condconv.training.ema import ModelEma
 
 
 class _Net(nn.Module):

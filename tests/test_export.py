@@ -1,4 +1,4 @@
-"""condconv.export: ONNX (both exporters), TorchScript and ExportedProgram with a dynamic batch axis."""
+"""condconv.deploy.export: ONNX (both exporters), TorchScript and ExportedProgram with a dynamic batch axis."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from torch import nn
 
 import condconv
 from condconv.cli import main as cli_main
-from condconv.export import export_model, load_exported, verify_export
+from condconv.deploy.export import export_model, load_exported, verify_export
 from condconv.models import create_model
-from condconv.ops.context import is_tracing as _is_tracing
+from condconv.nn.ops.context import is_tracing as _is_tracing
 
 KINDS = ["condconv", "dynamic", "odconv"]
 SIZE = (3, 12, 12)

@@ -25,17 +25,17 @@ import yaml
 from safetensors.torch import load_file
 
 import condconv
-import condconv.checkpoint as checkpoint_mod
-from condconv._checks import OptionError
-from condconv.analysis import routing_statistics
-from condconv.checkpoint import latest_checkpoint, read_state, save_weights
+import condconv.models.checkpoint as checkpoint_mod
 from condconv.cli import build_parser, main
-from condconv.config import TrainConfig
 from condconv.data import EpochLoader, build_dataset
 from condconv.data.loader import default_workers
-from condconv.fileio import FolderBusyError, OutputError, check_writable, folder_lock
 from condconv.models import create_model
-from condconv.train import train_model
+from condconv.models.checkpoint import latest_checkpoint, read_state, save_weights
+from condconv.training.analysis import routing_statistics
+from condconv.training.config import TrainConfig
+from condconv.training.loop import train_model
+from condconv.utils.checks import OptionError
+from condconv.utils.fileio import FolderBusyError, OutputError, check_writable, folder_lock
 
 SRC = Path(condconv.__file__).resolve().parents[1]
 # 2 steps of 16 images per epoch: a MobileNetV1 0.25x with 2-expert CondConv on 32 digits
@@ -84,8 +84,8 @@ def tiny_run(tmp_path_factory) -> Path:
 _HOLD_AT_STEP = """
 import sys
 from condconv.cli import build_parser
-from condconv.commands.options import config_from_args
-from condconv.train import train_model
+from condconv.cli.commands.options import config_from_args
+from condconv.training.loop import train_model
 
 config, explicit = config_from_args(build_parser().parse_args(sys.argv[1:]))
 
@@ -288,16 +288,16 @@ def checkpoint(tmp_path_factory) -> Path:
 
 # command, its arguments with OUT for the output, the function that does its work (must not be reached)
 UNWRITABLE = [
-    ("train", ["--out", "OUT/run", *TINY, "--epochs", "1"], "condconv.train.build_dataset"),
-    ("eval", ["CK", "--json", "OUT/eval.json", "--no-progress"], "condconv.commands.eval.evaluate_checkpoint"),
-    ("routing", ["CK", "--out", "OUT/routing", "--no-progress"], "condconv.commands.routing.routing_statistics"),
-    ("export", ["CK", "--out", "OUT/m.onnx"], "condconv.commands.export.export_model"),
-    ("convert", ["CK", "--out", "OUT/cc"], "condconv.commands.convert.convert"),
+    ("train", ["--out", "OUT/run", *TINY, "--epochs", "1"], "condconv.training.loop.build_dataset"),
+    ("eval", ["CK", "--json", "OUT/eval.json", "--no-progress"], "condconv.cli.commands.eval.evaluate_checkpoint"),
+    ("routing", ["CK", "--out", "OUT/routing", "--no-progress"], "condconv.cli.commands.routing.routing_statistics"),
+    ("export", ["CK", "--out", "OUT/m.onnx"], "condconv.cli.commands.export.export_model"),
+    ("convert", ["CK", "--out", "OUT/cc"], "condconv.cli.commands.convert.convert"),
     ("sweep", ["--out", "OUT/sweep", "--widths", "0.25", "--experts", "1", "--seeds", "0"],
-     "condconv.commands.sweep.sweep_grid"),
+     "condconv.cli.commands.sweep.sweep_grid"),
     ("bench", ["--csv", "OUT/bench.csv", "--shapes", "2", "--batch", "2", "--rounds", "1"],
-     "condconv.commands.bench.bench_layers"),
-    ("macs", ["resnet18", "--csv", "OUT/macs.csv"], "condconv.commands.macs.count_macs"),
+     "condconv.cli.commands.bench.bench_layers"),
+    ("macs", ["resnet18", "--csv", "OUT/macs.csv"], "condconv.cli.commands.macs.count_macs"),
 ]  # fmt: skip
 
 

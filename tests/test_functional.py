@@ -11,11 +11,11 @@ import torch
 from torch import nn
 
 import condconv
-import condconv.functional as functional
-import condconv.ops.cpu_tiled as cpu_tiled
+import condconv.nn.functional as functional
+import condconv.nn.ops.cpu_tiled as cpu_tiled
 from condconv import STRATEGIES, dynamic_conv2d, mix_kernels, select_strategy, set_default_strategy, use_strategy
-from condconv.functional import get_default_strategy
-from condconv.reference import reference_dynamic_conv2d, reference_odconv2d
+from condconv.nn.functional import get_default_strategy
+from condconv.nn.reference import reference_dynamic_conv2d, reference_odconv2d
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread", "clean_strategy"),

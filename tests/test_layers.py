@@ -21,7 +21,7 @@ from condconv import (
     set_temperature,
     use_strategy,
 )
-from condconv.reference import reference_dynamic_conv2d, reference_odconv2d
+from condconv.nn.reference import reference_dynamic_conv2d, reference_odconv2d
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread", "clean_strategy"),

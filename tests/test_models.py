@@ -8,10 +8,10 @@ from torch import nn
 
 import condconv
 from condconv import CondConv2d, DynamicConv2d, ODConv2d, SigmoidRouter
-from condconv.layers import DynamicConvBase
 from condconv.models import ConvNet, create_model, is_model, list_models, register_model
 from condconv.models.blocks import BasicBlock, Bottleneck, MBConv, SqueezeExcite
 from condconv.models.presets import list_presets
+from condconv.nn.layers import DynamicConvBase
 
 KINDS = ("static", "condconv", "dynamic", "odconv")
 CIFAR = list_models("*_cifar")

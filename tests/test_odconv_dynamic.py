@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from condconv import DynamicConv2d, ODConv2d, OmniRouter, set_temperature
-from condconv.reference import reference_dynamic_conv2d, reference_odconv2d
-from condconv.routing import Attentions
+from condconv.nn.reference import reference_dynamic_conv2d, reference_odconv2d
+from condconv.nn.routing import Attentions
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread", "clean_strategy"),

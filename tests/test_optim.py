@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from condconv.config import TrainConfig
-from condconv.optim import (
+from condconv.training.config import TrainConfig
+from condconv.training.optim import (
     RMSpropTF,
     WarmupConstant,
     WarmupCosine,

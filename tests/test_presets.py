@@ -7,11 +7,11 @@ import torch
 from torch import nn
 
 from condconv import CondConv2d, DynamicConv2d, ODConv2d, SigmoidRouter
-from condconv.layers import DynamicConvBase
 from condconv.models import create_model, list_models
+from condconv.models.macs import PAPER_CONVENTIONS, count_macs
+from condconv.models.papers import MACS_TOLERANCE, PARAMS_TOLERANCE, paper_table
 from condconv.models.presets import PAPERS, PRESETS, get_preset, list_presets
-from condconv.papers import MACS_TOLERANCE, PARAMS_TOLERANCE, paper_table
-from condconv.profile import PAPER_CONVENTIONS, count_macs
+from condconv.nn.layers import DynamicConvBase
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

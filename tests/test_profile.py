@@ -12,7 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import condconv
 from condconv.cli import main
 from condconv.models import create_model
-from condconv.profile import CATEGORIES, PAPER_FIGURES, count_macs
+from condconv.models.macs import CATEGORIES, PAPER_FIGURES, count_macs
 
 _ROUTER_TYPES = {"SigmoidRouter", "SoftmaxRouter", "OmniRouter"}
 

@@ -123,7 +123,7 @@ def test_readme_figures_match_the_commands(readme_run):
     # resume: 8 -> 12 epochs is a second segment, and the recomputed cosine restarts where the README says
     import yaml
 
-    from condconv.optim import WarmupCosine
+    from condconv.training.optim import WarmupCosine
 
     segments = yaml.safe_load((work / "runs" / "a" / "config.yaml").read_text())["segments"]
     assert [(s["epochs"], s["from_step"]) for s in segments] == [(8, 0), (12, 296)]

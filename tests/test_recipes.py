@@ -10,10 +10,10 @@ from types import SimpleNamespace
 import pytest
 from torch import nn
 
-from condconv.augment import build_augment
-from condconv.config import TrainConfig
-from condconv.optim import build_optimizer, build_scheduler
-from condconv.recipes import KNOBS, MODEL_KNOBS, list_recipes, load_recipe, recipe_about, validate_knobs
+from condconv.data.augment import build_augment
+from condconv.training.config import TrainConfig
+from condconv.training.optim import build_optimizer, build_scheduler
+from condconv.training.recipes import KNOBS, MODEL_KNOBS, list_recipes, load_recipe, recipe_about, validate_knobs
 
 RECIPES = ("condconv-efficientnet", "condconv-mobilenet", "dynamic-mobilenet", "dynamic-resnet", "odconv-mobilenet",
            "odconv-resnet")
@@ -44,7 +44,7 @@ def test_recipe_options_are_known_valid_and_sourced(name):
     about = recipe_about(name)
     assert about["paper"] and "arXiv" in about["paper"]
     assert set(about["unverified"]) <= set(options), about["unverified"]
-    text = (resources.files("condconv.recipes") / f"{name}.yaml").read_text(encoding="utf-8")
+    text = (resources.files("condconv.training.recipes") / f"{name}.yaml").read_text(encoding="utf-8")
     for key in SOURCED:
         line = re.search(rf"^  {key}: .*$", text, flags=re.M)
         assert line and "#" in line.group(0), f"{name}: option {key} has no source comment"

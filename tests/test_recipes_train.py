@@ -10,8 +10,8 @@ import torch
 
 from condconv import TrainConfig, load_checkpoint, train_model
 from condconv.cli import main
-from condconv.optim import make_schedule, peak_lr
-from condconv.recipes import list_recipes, load_recipe
+from condconv.training.optim import make_schedule, peak_lr
+from condconv.training.recipes import list_recipes, load_recipe
 
 
 def _small(name: str, tmp_path, **more) -> TrainConfig:

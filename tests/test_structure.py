@@ -85,40 +85,106 @@ def test_argparse_only_in_commands_and_cli(needle):
     users = [name for name, (path, tree) in MODULES.items()
              if any(isinstance(n, ast.Import) and any(a.name == needle for a in n.names)
                     or isinstance(n, ast.ImportFrom) and n.module == needle for n in ast.walk(tree))]
-    assert all(u == "condconv.cli" or u.startswith("condconv.commands") for u in users), users
+    assert all(u == "condconv.cli" or u.startswith("condconv.cli") for u in users), users
 
 
 def test_load_checkpoint_defined_once():
     defined = [name for name, (_, tree) in MODULES.items()
                if any(isinstance(n, ast.FunctionDef) and n.name == "load_checkpoint" for n in ast.walk(tree))]
-    assert defined == ["condconv.checkpoint"]
+    assert defined == ["condconv.models.checkpoint"]
 
 
 def test_library_does_not_import_the_command_layer():
     for name, (path, tree) in MODULES.items():
-        if name == "condconv.cli" or name.startswith("condconv.commands"):
+        if name == "condconv.cli" or name.startswith("condconv.cli"):
             continue
-        bad = {m for m in _imports(name, path, tree) if m == "condconv.cli" or m.startswith("condconv.commands")}
+        bad = {m for m in _imports(name, path, tree) if m == "condconv.cli" or m.startswith("condconv.cli")}
         assert not bad, f"{name} imports {bad}"
 
 
-def test_deprecated_paths_still_work_with_a_warning():
+#: the folders, bottom to top: a folder imports only from the folders before it (and from itself)
+FOLDER_ORDER = ("utils", "nn", "models", "data", "deploy", "training", "bench", "cli")
+
+
+def _folder(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else None
+
+
+def test_the_package_root_holds_only_its_init_py_typed_and_folders():
+    loose = sorted(p.name for p in PACKAGE.iterdir()
+                   if p.is_file() and p.name not in ("__init__.py", "py.typed"))
+    folders = sorted(p.name for p in PACKAGE.iterdir() if p.is_dir() and p.name != "__pycache__")
+    assert not loose, loose
+    assert sorted(FOLDER_ORDER) == folders, folders
+
+
+def test_folders_import_one_way_bottom_to_top():
+    rank = {name: i for i, name in enumerate(FOLDER_ORDER)}
+    upward = []
+    for name, (path, tree) in MODULES.items():
+        here = _folder(name)
+        if here is None:
+            continue
+        for target in _imports(name, path, tree):
+            there = _folder(target)
+            if there is None:  # the package root: only its lazily served version string may be read
+                assert name == "condconv.cli", f"{name} imports the package root"
+                continue
+            if rank[there] > rank[here]:
+                upward.append(f"{name} ({here}) -> {target} ({there})")
+    assert not upward, upward
+
+
+def test_the_folder_order_check_catches_an_upward_import(tmp_path):
+    # the check above must be able to fail: a module of nn importing training is found by _imports and ranked upward
+    tree = ast.parse("def f():\n    from condconv.training.loop import train_model\n")
+    found = _imports("condconv.nn.layers", PACKAGE / "nn" / "layers.py", tree)
+    assert "condconv.training.loop" in found
+    assert FOLDER_ORDER.index(_folder("condconv.training.loop")) > FOLDER_ORDER.index("nn")
+
+
+def test_import_condconv_is_cheap_and_serves_every_public_name():
+    import subprocess
     import sys
 
-    import condconv
-    import condconv.bench
-    import condconv.sweep
-    import condconv.train
+    code = ("import sys, condconv; assert 'torch' not in sys.modules, 'import condconv imported torch'; "
+            "names = [n for n in condconv.__all__ if n != '__version__']; "
+            "missing = [n for n in names if getattr(condconv, n, None) is None]; assert not missing, missing; "
+            "assert sorted(dir(condconv)) == sorted(set(dir(condconv))) and set(names) <= set(dir(condconv))")
+    subprocess.run([sys.executable, "-c", code], check=True)
 
-    convert_module = sys.modules["condconv.convert"]  # condconv.convert is the function of that name
-    cases = [(condconv.train, "load_checkpoint", condconv.load_checkpoint),
-             (condconv.train, "TrainConfig", condconv.TrainConfig),
-             (condconv.train, "evaluate_checkpoint", condconv.evaluate_checkpoint),
-             (convert_module, "load_checkpoint", condconv.load_checkpoint),
-             (condconv.sweep, "routing_statistics", condconv.routing_statistics),
-             (condconv.bench, "seed_loop_odconv", condconv.bench.odconv_reference_loop)]
-    for module, name, new in cases:
-        with pytest.warns(DeprecationWarning, match=name):
-            assert getattr(module, name) is new
-    with pytest.raises(AttributeError):
-        condconv.train.no_such_name  # noqa: B018
+
+@pytest.mark.parametrize(("old", "new"), [("condconv.layers", "condconv.nn.layers"),
+                                          ("condconv.functional", "condconv.nn.functional"),
+                                          ("condconv.ops.context", "condconv.nn.ops.context"),
+                                          ("condconv.train", "condconv.training.loop"),
+                                          ("condconv.commands.options", "condconv.cli.commands.options"),
+                                          ("condconv.convert", "condconv.nn.convert")])
+def test_old_module_paths_import_the_new_module_with_one_warning(old, new):
+    import importlib
+    import subprocess
+    import sys
+    import warnings
+
+    # in a fresh interpreter: the first import warns once, a second import is silent, the module is the new one
+    code = (f"import warnings, importlib, sys\n"
+            f"with warnings.catch_warnings(record=True) as w:\n"
+            f"    warnings.simplefilter('always')\n"
+            f"    a = importlib.import_module({old!r}); b = importlib.import_module({old!r})\n"
+            f"msgs = [str(x.message) for x in w if issubclass(x.category, DeprecationWarning)]\n"
+            f"assert len(msgs) == 1 and 'moved to condconv.' in msgs[0], msgs\n"
+            f"assert a is b is sys.modules[{new!r}]\n"
+            f"import condconv; assert callable(condconv.convert), condconv.convert\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        assert importlib.import_module(old) is importlib.import_module(new)
+
+
+def test_names_deprecated_in_0_2_are_gone():
+    import condconv.bench.layers
+    import condconv.training.loop
+
+    for module, name in [(condconv.training.loop, "load_checkpoint"), (condconv.bench.layers, "seed_loop_odconv")]:
+        assert not hasattr(module, name)

@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 import condconv
-from condconv.analysis import routing_statistics
 from condconv.cli import main
-from condconv.sweep import summarize_runs
+from condconv.training.analysis import routing_statistics
+from condconv.training.sweep import summarize_runs
 
 GRID = ["--widths", "0.25", "--experts", "1", "2", "--seeds", "0", "1", "--train-size", "32", "--epochs", "1",
         "--batch-size", "16", "--no-progress"]  # fmt: skip

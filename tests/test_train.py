@@ -18,16 +18,16 @@ from safetensors.torch import load_file
 from torch import nn
 
 import condconv
-import condconv.checkpoint as checkpoint_mod
-from condconv.checkpoint import latest_checkpoint, load_checkpoint, save_weights
-from condconv.checkpoint import read_state as _read_state
-from condconv.checkpoint import write_checkpoint as _write_checkpoint
+import condconv.models.checkpoint as checkpoint_mod
 from condconv.cli import build_parser, main
-from condconv.commands.options import config_from_args
-from condconv.config import TrainConfig
-from condconv.evaluate import evaluate_checkpoint
-from condconv.optim import WarmupCosine
-from condconv.train import NonFiniteLossError, train_model
+from condconv.cli.commands.options import config_from_args
+from condconv.models.checkpoint import latest_checkpoint, load_checkpoint, save_weights
+from condconv.models.checkpoint import read_state as _read_state
+from condconv.models.checkpoint import write_checkpoint as _write_checkpoint
+from condconv.training.config import TrainConfig
+from condconv.training.evaluate import evaluate_checkpoint
+from condconv.training.loop import NonFiniteLossError, train_model
+from condconv.training.optim import WarmupCosine
 
 SRC = str(Path(condconv.__file__).resolve().parents[1])
 # a 0.2M-parameter MobileNetV1 (CondConv, 2 experts in the last 7 blocks and the classifier) on 64 digits
@@ -46,8 +46,8 @@ def _env() -> dict[str, str]:
 _KILLED_AT = """
 import os, signal, sys
 from condconv.cli import build_parser
-from condconv.commands.options import config_from_args
-from condconv.train import train_model
+from condconv.cli.commands.options import config_from_args
+from condconv.training.loop import train_model
 
 config, explicit = config_from_args(build_parser().parse_args(sys.argv[2:]))
 kill_at = int(sys.argv[1])

@@ -1,4 +1,4 @@
-"""The fused Triton kernels (``condconv.ops.triton_conv``) against the per-example references, forward and backward.
+"""The fused Triton kernels (``condconv.nn.ops.triton_conv``) against the per-example references, forward and backward.
 
 Without a GPU the kernels run on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1``, set below before
 anything imports the kernels), which is slow: every case is tiny. With a GPU they run on CUDA tensors.
@@ -26,9 +26,9 @@ pytest.importorskip("triton")
 
 import torch.nn.functional as F  # noqa: E402
 
-from condconv.ops import triton_conv  # noqa: E402
-from condconv.ops.triton_conv import triton_dynamic_conv2d, triton_status  # noqa: E402
-from condconv.reference import reference_odconv2d  # noqa: E402
+from condconv.nn.ops import triton_conv  # noqa: E402
+from condconv.nn.ops.triton_conv import triton_dynamic_conv2d, triton_status  # noqa: E402
+from condconv.nn.reference import reference_odconv2d  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 F64 = torch.float64
@@ -71,7 +71,7 @@ def tiles(monkeypatch):
     """``tiles(n)``: interpreter tiles of size ``n`` (4 makes tiny shapes span several blocks in every loop)."""
     def set_tiles(size: int) -> None:
         if DEVICE == "cpu":
-            from condconv.ops import triton_launch
+            from condconv.nn.ops import triton_launch
 
             big = 64 if size >= 16 else 4 * size
             monkeypatch.setattr(triton_launch, "INTERPRETER_TILES", {"BM": big, "BN": size, "BK": size, "BP": big})

@@ -13,8 +13,8 @@ import torch
 
 import condconv
 from condconv import dynamic_conv2d, use_strategy
-from condconv.ops import triton_conv
-from condconv.reference import reference_dynamic_conv2d, reference_odconv2d
+from condconv.nn.ops import triton_conv
+from condconv.nn.reference import reference_dynamic_conv2d, reference_odconv2d
 
 if importlib.util.find_spec("triton") is None:
     pytest.skip("Triton is not installed (pip install triton)", allow_module_level=True)

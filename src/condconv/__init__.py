@@ -3,61 +3,47 @@
 CondConv (Yang et al., "CondConv: Conditionally Parameterized Convolutions for Efficient Inference",
 NeurIPS 2019, arXiv:1904.04971), DynamicConv (Chen et al., CVPR 2020, arXiv:1912.03458) and ODConv
 (Li, Zhou, Yao, "Omni-Dimensional Dynamic Convolution", ICLR 2022, arXiv:2209.07947) on one execution engine.
+
+The package is a set of folders, each a layer that imports only the ones below it::
+
+    utils/     atomic files and locks, runtime settings, argument checks, these aliases
+    nn/        the engine (functional, ops/), routers, layers, conversion, the per-example reference
+    models/    registry, blocks, families, presets, the papers' tables, the MAC counter, the checkpoint format
+    data/      embedded digits, CIFAR, ImageFolder, augmentation
+    deploy/    export (ONNX, torch.export), int8
+    training/  config, recipes, optimisers and schedules, EMA, the loop, evaluation, routing analysis, sweeps
+    bench/     layer and model benchmarks
+    cli/       the entry point and one module per subcommand
+
+Every public name below is ``condconv.X``; a name's module is imported when the name is first used, so
+``import condconv`` itself is cheap.
 """
 
-from condconv.functional import (
-    STRATEGIES,
-    dynamic_conv2d,
-    get_default_strategy,
-    mix_kernels,
-    select_strategy,
-    set_default_strategy,
-    use_strategy,
-)
-from condconv.layers import CondConv2d, DynamicConv2d, ODConv2d, make_conv2d
-from condconv.routing import (
-    OmniRouter,
-    SigmoidRouter,
-    SoftmaxRouter,
-    TemperatureSchedule,
-    set_temperature,
-)
+from condconv.utils.aliases import install_moved_modules, lazy_attributes
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
-__all__ = [
-    "STRATEGIES",
-    "CondConv2d",
-    "DynamicConv2d",
-    "ODConv2d",
-    "OmniRouter",
-    "SigmoidRouter",
-    "SoftmaxRouter",
-    "TemperatureSchedule",
-    "dynamic_conv2d",
-    "get_default_strategy",
-    "make_conv2d",
-    "mix_kernels",
-    "select_strategy",
-    "set_default_strategy",
-    "set_temperature",
-    "use_strategy",
-    "__version__",
-]
-# the model zoo, the counter and the library services
-from condconv.analysis import routing_statistics  # noqa: E402
-from condconv.checkpoint import load_checkpoint  # noqa: E402
-from condconv.config import TrainConfig  # noqa: E402
-from condconv.convert import convert, list_convs, select_convs  # noqa: E402
-from condconv.data import EpochLoader, build_dataset  # noqa: E402
-from condconv.evaluate import evaluate_checkpoint  # noqa: E402
-from condconv.export import export_model, load_exported, verify_export  # noqa: E402
-from condconv.models import create_model, list_models, register_model  # noqa: E402
-from condconv.profile import count_macs  # noqa: E402
-from condconv.sweep import sweep_grid  # noqa: E402
-from condconv.train import TrainResult, train_model  # noqa: E402
+#: public name -> the module that defines it
+_PUBLIC = {
+    **dict.fromkeys(["STRATEGIES", "dynamic_conv2d", "get_default_strategy", "mix_kernels", "select_strategy",
+                     "set_default_strategy", "use_strategy"], "condconv.nn.functional"),
+    **dict.fromkeys(["CondConv2d", "DynamicConv2d", "ODConv2d", "make_conv2d"], "condconv.nn.layers"),
+    **dict.fromkeys(["OmniRouter", "SigmoidRouter", "SoftmaxRouter", "TemperatureSchedule", "set_temperature"],
+                    "condconv.nn.routing"),
+    **dict.fromkeys(["convert", "list_convs", "select_convs"], "condconv.nn.convert"),
+    **dict.fromkeys(["create_model", "list_models", "register_model"], "condconv.models"),
+    "count_macs": "condconv.models.macs",
+    "load_checkpoint": "condconv.models.checkpoint",
+    **dict.fromkeys(["EpochLoader", "build_dataset"], "condconv.data"),
+    **dict.fromkeys(["export_model", "load_exported", "verify_export"], "condconv.deploy.export"),
+    "TrainConfig": "condconv.training.config",
+    **dict.fromkeys(["TrainResult", "train_model"], "condconv.training.loop"),
+    "evaluate_checkpoint": "condconv.training.evaluate",
+    "routing_statistics": "condconv.training.analysis",
+    "sweep_grid": "condconv.training.sweep",
+}
 
-__all__ += ["create_model", "list_models", "register_model", "count_macs", "convert", "list_convs", "select_convs",
-            "load_checkpoint", "TrainConfig", "EpochLoader", "build_dataset", "evaluate_checkpoint",
-            "routing_statistics", "TrainResult", "train_model", "sweep_grid", "export_model", "load_exported",
-            "verify_export"]  # fmt: skip
+__all__ = [*_PUBLIC, "__version__"]
+
+__getattr__, __dir__ = lazy_attributes(__name__, _PUBLIC)
+install_moved_modules()

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from condconv._checks import OptionError
+from condconv.utils.checks import OptionError
 
 __all__ = ["SPLIT_SEED", "ArrayImageDataset", "ImageDataset", "sample_keys", "subset_indices"]
 
@@ -61,7 +61,7 @@ class ImageDataset(Dataset):
         image_size: side of the returned (square) images.
         mean, std: per-channel normalisation.
         augment: whether training augmentation is applied.
-        policy: an AutoAugment/RandAugment policy (:mod:`condconv.augment`) applied after the crop and flip of
+        policy: an AutoAugment/RandAugment policy (:mod:`condconv.data.augment`) applied after the crop and flip of
             training images, or None; its randomness is a function of ``(seed, epoch, index)`` like the rest.
         seed: seed of the augmentation.
         epoch: epoch used by ``__getitem__`` (set by :meth:`set_epoch`).
@@ -82,7 +82,7 @@ class ImageDataset(Dataset):
         ``(seed, epoch, index)`` (stream 2: independent of the crop and flip); unchanged without a policy."""
         if self.policy is None or not self.augment or len(images) == 0:
             return images
-        from condconv.augment import augment_batch
+        from condconv.data.augment import augment_batch
 
         return augment_batch(images, self.policy, sample_keys(self.seed, epoch, indices, stream=2))
 

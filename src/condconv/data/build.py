@@ -8,11 +8,11 @@ from pathlib import Path
 
 import torch
 
-from condconv._checks import OptionError
 from condconv.data.base import ArrayImageDataset, ImageDataset, subset_indices
 from condconv.data.cifar import CIFAR_LAYOUT, find_cifar, load_cifar
 from condconv.data.digits import DIGITS_MEAN, DIGITS_STD, digits_split, load_digits_arrays
 from condconv.data.imagefolder import ImageFolderDataset
+from condconv.utils.checks import OptionError
 
 __all__ = ["DATASETS", "build_dataset"]
 

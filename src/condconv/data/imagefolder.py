@@ -11,8 +11,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from condconv._checks import OptionError
 from condconv.data.base import ImageDataset, sample_keys
+from condconv.utils.checks import OptionError
 
 __all__ = ["IMAGE_EXTENSIONS", "IMAGENET_MEAN", "IMAGENET_STD", "ImageFolderDataset"]
 

@@ -13,7 +13,6 @@ from dataclasses import dataclass, replace
 
 from torch import nn
 
-from condconv._checks import positive_int, probability
 from condconv.models.blocks import (
     SE_DEFAULT,
     STATIC,
@@ -28,7 +27,8 @@ from condconv.models.blocks import (
     make_divisible,
     resolve_dynamic_blocks,
 )
-from condconv.routing import INITS
+from condconv.nn.routing import INITS
+from condconv.utils.checks import positive_int, probability
 
 __all__ = ["BlockOptions", "MBStage", "ResStage", "scale_stages", "Placement", "Architecture"]
 

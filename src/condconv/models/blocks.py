@@ -18,9 +18,9 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor, nn
 
-from condconv._checks import positive_int, probability
-from condconv.layers import CONV_KINDS, CondConv2d, DynamicConvBase, make_conv2d
-from condconv.routing import ROUTERS, SigmoidRouter
+from condconv.nn.layers import CONV_KINDS, CondConv2d, DynamicConvBase, make_conv2d
+from condconv.nn.routing import ROUTERS, SigmoidRouter
+from condconv.utils.checks import positive_int, probability
 
 __all__ = [
     "ConvSpec",

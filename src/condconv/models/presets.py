@@ -19,7 +19,7 @@ keyword overrides (``num_classes``, ``dropout``, ``in_chans``, ``features_only``
 the end of the papers' annealing, which :attr:`Preset.anneal` records for the training recipe.
 
 Each row also records how its figures are reproduced (:attr:`Preset.rule`) and, where they are not, why
-(:attr:`Preset.note`); :func:`condconv.papers.paper_table` counts every preset against them.
+(:attr:`Preset.note`); :func:`condconv.models.papers.paper_table` counts every preset against them.
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ def resnet_v1(architecture: Architecture) -> Architecture:
     """The same ResNet with bottlenecks in the original v1 layout (stride on the first 1x1 convolution).
 
     Not registered: published cost tables that count ResNet-50/101 at 3.86G/7.57G multiply-adds (the ODConv README)
-    counted this layout; :func:`condconv.papers.paper_table` uses it to reproduce them.
+    counted this layout; :func:`condconv.models.papers.paper_table` uses it to reproduce them.
     """
     return replace(architecture, stages=tuple(replace(stage, stride_on_1x1=True) for stage in architecture.stages))
 

@@ -1,0 +1,63 @@
+"""``condconv eval``: top-1/top-5, loss, per-class accuracy and images/s of a checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from typing import Any
+
+from condconv.cli.commands.options import add_checkpoint_data_arguments
+from condconv.models.checkpoint import resolve_weights_path
+from condconv.training.evaluate import evaluate_checkpoint
+from condconv.utils.fileio import atomic_write_text, check_writable
+from condconv.utils.runtime import AMP_CHOICES
+
+HELP = "evaluate a checkpoint: top-1/top-5, loss, per-class accuracy, images/s"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_checkpoint_data_arguments(parser)
+    parser.add_argument("--amp", default="none", choices=AMP_CHOICES, help="mixed precision (default: none)")
+    parser.add_argument("--image-size", type=int, default=None, help="ImageFolder crop size (default: the "
+                        "checkpoint's)")
+    parser.add_argument("--json", metavar="FILE", default=None, help="also write the results as JSON ('-' = stdout "
+                        "only)")
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def run(args: argparse.Namespace) -> int:
+    resolve_weights_path(args.checkpoint)  # a missing checkpoint first: it needs no output
+    if args.json and args.json != "-":
+        check_writable(args.json)  # before the work, not after it
+    res = evaluate_checkpoint(
+        args.checkpoint, dataset=args.dataset, data_dir=args.data_dir, split=args.split, batch_size=args.batch_size,
+        device=args.device, amp=args.amp, workers=args.workers, image_size=args.image_size, progress=args.progress,
+    )  # fmt: skip
+    if args.json == "-":
+        json.dump(_json_safe(res), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    print(f"{res['model']} on {res['dataset']}/{res['split']} ({res['images']} images)")
+    print(f"  top-1 {res['top1']:.2f}%   top-{res['top_k']} {res['top5']:.2f}%   loss {res['loss']:.4f}   "
+          f"{res['images_per_s']:.0f} images/s (model)")
+    pcs = list(zip(res["classes"], res["per_class_accuracy"], res["per_class_count"]))
+    if len(pcs) <= 20:
+        print("  per-class accuracy: " + "  ".join(f"{c}: {a:.1f}% ({n})" for c, a, n in pcs))
+    else:
+        valid = sorted((a, c) for c, a, n in pcs if n > 0)
+        print("  lowest per-class accuracy: " + ", ".join(f"{c} {a:.1f}%" for a, c in valid[:5]))
+    if args.json:
+        atomic_write_text(args.json, json.dumps(_json_safe(res), indent=2))
+        print(f"  written: {args.json}")
+    return 0

@@ -1,0 +1,1 @@
+"""Deployment: export to ONNX and ``torch.export`` (``export``) and int8 quantization (``quantize``)."""

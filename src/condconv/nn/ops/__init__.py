@@ -1,0 +1,1 @@
+"""Execution back-ends of the engine (:mod:`condconv.nn.functional`): each computes the same dynamic convolution."""

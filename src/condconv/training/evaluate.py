@@ -1,0 +1,161 @@
+"""Evaluation: accuracy, loss and throughput of a model on a dataset, and of a checkpoint on its (or another) dataset.
+
+``condconv eval`` and ``condconv routing`` both run a checkpoint on data: :func:`dataset_for_checkpoint` builds
+that data and checks that it fits the checkpoint (classes, image channels).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from condconv.data import EpochLoader, ImageDataset, build_dataset
+from condconv.models.checkpoint import config_classes, config_in_chans, load_checkpoint
+from condconv.utils.runtime import DistInfo, all_reduce_sum, amp_dtype, autocast, resolve_device
+
+__all__ = ["dataset_for_checkpoint", "evaluate", "evaluate_checkpoint"]
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: EpochLoader,
+    *,
+    device: torch.device | str = "cpu",
+    amp_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+    progress: bool = False,
+    dist_info: DistInfo | None = None,
+) -> dict[str, Any]:
+    """Top-1/top-5 accuracy (percent), mean cross-entropy, per-class accuracy and throughput.
+
+    Args:
+        model: the model (put in eval mode here).
+        loader: an unshuffled :class:`~condconv.data.EpochLoader`; with several processes each evaluates its shard
+            and the sums are all-reduced.
+        device: where to run.
+        amp_dtype: autocast dtype (None = full precision).
+        channels_last: feed channels_last inputs.
+        progress: tqdm bar.
+        dist_info: the process group (several processes evaluate their shards; the sums are all-reduced).
+
+    Returns:
+        dict with ``top1``, ``top5``, ``loss``, ``images``, ``per_class_accuracy`` (list, percent; NaN for classes
+        without images), ``per_class_count``, ``seconds`` (model time) and ``images_per_s``.
+    """
+    from tqdm import tqdm
+
+    dist_info = dist_info or DistInfo()
+    device = torch.device(device)
+    num_classes = loader.dataset.num_classes
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    top1 = torch.zeros((), dtype=torch.float64, device=device)
+    top5 = torch.zeros((), dtype=torch.float64, device=device)
+    correct_pc = torch.zeros(num_classes, dtype=torch.float64, device=device)
+    count_pc = torch.zeros(num_classes, dtype=torch.float64, device=device)
+    k = min(5, num_classes)
+    model_time = 0.0
+    bar = tqdm(
+        total=len(loader), desc="eval", leave=False, disable=not (progress and dist_info.main), dynamic_ncols=True
+    )
+    for x, y in loader:
+        t0 = time.perf_counter()
+        x = x.to(device, non_blocking=True)
+        y = y.to(device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device, amp_dtype):
+            logits = model(x)
+        logits = logits.float()
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
+        pred = logits.topk(k, dim=1).indices
+        hit = pred.eq(y.view(-1, 1))
+        top1 += hit[:, 0].sum().double()
+        top5 += hit.any(dim=1).sum().double()
+        correct_pc.index_add_(0, y, hit[:, 0].double())
+        count_pc.index_add_(0, y, torch.ones_like(y, dtype=torch.float64))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        model_time += time.perf_counter() - t0
+        bar.update(1)
+    bar.close()
+    packed = torch.cat([torch.stack([loss_sum, top1, top5]), correct_pc, count_pc])
+    packed = all_reduce_sum(packed, dist_info).cpu()
+    loss_sum, top1, top5 = packed[0].item(), packed[1].item(), packed[2].item()
+    correct_pc, count_pc = packed[3 : 3 + num_classes], packed[3 + num_classes :]
+    n = int(count_pc.sum().item())
+    times = torch.tensor([model_time], dtype=torch.float64)
+    if dist_info.enabled:
+        times = all_reduce_sum(times.to(device), dist_info).cpu() / dist_info.world_size
+    model.train(was_training)
+    per_class = [(100.0 * c / m) if m > 0 else float("nan") for c, m in zip(correct_pc.tolist(), count_pc.tolist())]
+    seconds = float(times[0])
+    return {
+        "images": n,
+        "loss": loss_sum / max(n, 1),
+        "top1": 100.0 * top1 / max(n, 1),
+        "top5": 100.0 * top5 / max(n, 1),
+        "top_k": k,
+        "per_class_accuracy": per_class,
+        "per_class_count": [int(c) for c in count_pc.tolist()],
+        "seconds": seconds,
+        "images_per_s": n / seconds if seconds > 0 else float("nan"),
+    }
+
+
+def dataset_for_checkpoint(checkpoint: str | os.PathLike, config: Mapping[str, Any], *, dataset: str | None = None,
+                           data_dir: str | None = None, split: str = "test", image_size: int | None = None
+                           ) -> ImageDataset:
+    """The evaluation data for a checkpoint: its own dataset unless ``dataset`` is given, checked to fit the model.
+
+    Raises:
+        ValueError: the dataset's classes or image channels differ from the checkpoint's (the message names both).
+    """
+    name = dataset or config.get("dataset", "digits")
+    folder = data_dir if data_dir is not None else config.get("data_dir")
+    ds = build_dataset(name, split, data_dir=folder, image_size=image_size or config.get("image_size"), augment=False)
+    if ds.num_classes != config_classes(config):
+        raise ValueError(f"checkpoint {checkpoint} predicts {config_classes(config)} classes but {name} has "
+                         f"{ds.num_classes}")
+    if ds.in_chans != config_in_chans(config):
+        raise ValueError(f"checkpoint {checkpoint} takes {config_in_chans(config)}-channel images but {name} has "
+                         f"{ds.in_chans}")
+    return ds
+
+
+def evaluate_checkpoint(
+    checkpoint: str | os.PathLike,
+    *,
+    dataset: str | None = None,
+    data_dir: str | None = None,
+    split: str = "test",
+    batch_size: int = 256,
+    device: str = "auto",
+    amp: str = "none",
+    workers: int = 0,
+    image_size: int | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Evaluate a checkpoint (see :func:`condconv.load_checkpoint`) on a dataset (default: the one it was trained on).
+
+    Returns:
+        :func:`evaluate`'s dict plus ``checkpoint``, ``model``, ``dataset``, ``split`` and ``classes``.
+    """
+    model, config = load_checkpoint(checkpoint)
+    ds = dataset_for_checkpoint(checkpoint, config, dataset=dataset, data_dir=data_dir, split=split,
+                                image_size=image_size)
+    dev = resolve_device(device)
+    model.to(dev)
+    loader = EpochLoader(ds, batch_size, num_workers=workers, pin_memory=dev.type == "cuda")
+    result = evaluate(model, loader, device=dev, amp_dtype=amp_dtype(amp, dev), progress=progress)
+    result.update(checkpoint=str(checkpoint), model=config["model"], dataset=ds.name, split=ds.split,
+                  classes=list(ds.classes))
+    return result
