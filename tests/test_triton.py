@@ -74,7 +74,8 @@ def tiles(monkeypatch):
             from condconv.ops import triton_launch
 
             big = 64 if size >= 16 else 4 * size
-            monkeypatch.setattr(triton_launch, "INTERPRETER_TILES", {"BM": big, "BN": size, "BK": size, "BP": big})
+            monkeypatch.setattr(triton_launch, "INTERPRETER_TILES", {"BM": big, "BN": size, "BK": size, "BP": big,
+                                                                     "G": 2 if size >= 16 else 4})
     return set_tiles
 
 
