@@ -186,7 +186,8 @@ def _experts_block(experts: int, dtype: torch.dtype) -> int:
 
 def _group_tiles(rows: int, cols: int, batch: int, eb: int, dtype: torch.dtype) -> dict:
     """Small-map regime: ``G`` examples x ``BM`` rows x ``BN`` channels, ``G * BM * BN`` float32 accumulators at
-    most 16384 (8 warps, no spills in the offline reports)."""
+    most 16384 (8 warps; 4096 for exact float32, whose products run on FMA units), no spills in the offline
+    reports."""
     if interpreted():
         t = INTERPRETER_TILES
         return {"G": t["G"], "BM": t["BM"], "BN": t["BN"], "BK": t["BK"], "num_warps": 4, "num_stages": 1}
@@ -194,7 +195,8 @@ def _group_tiles(rows: int, cols: int, batch: int, eb: int, dtype: torch.dtype) 
         return {"G": 2, "BM": 16, "BN": 16, "BK": 8, "num_warps": 4, "num_stages": 1}
     bm, bn = _pow2(rows, 16, 64), _pow2(cols, 16, 32)
     g = min(8, triton.next_power_of_2(batch))
-    while g > 1 and g * bm * bn > 16384:
+    limit = 4096 if _modes(dtype)["PREC"] == "ieee" and dtype == torch.float32 else 16384  # FMA products: fewer
+    while g > 1 and g * bm * bn > limit:
         g //= 2
     return {"G": g, "BM": bm, "BN": bn, "BK": 16, "num_warps": 8 if g * bm * bn >= 8192 else 4, "num_stages": 2}
 
@@ -456,7 +458,7 @@ def _plan_kernel_grads(grad, x, weight, r, sp, isc, osc, flags, need, stride, pa
     if depthwise:
         g = 1
         t = {"BO": INTERPRETER_TILES["BN"] if interpreted() else _pow2(out_channels, 16, 32),
-             "BP": INTERPRETER_TILES["BP"] if interpreted() else _pow2(positions, 16, 64), "num_warps": 4}
+             "BP": INTERPRETER_TILES["BP"] if interpreted() else _pow2(positions, 16, 32), "num_warps": 4}
         n_ob, n_cb = triton.cdiv(out_channels, t["BO"]), 1
         tiles, eb = n_ob, triton.next_power_of_2(experts)
         mult = out_channels // channels

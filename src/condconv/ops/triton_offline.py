@@ -3,7 +3,7 @@
 A stand-in driver reports ``GPUTarget("cuda", arch, 32)`` (:class:`StandInDriver`, installed with
 ``triton.runtime.driver.set_active``); ``kernel.warmup(..., grid=(1,))`` then compiles one specialisation, and the
 compiled kernel carries its ``ttgir``, ``ptx`` and ``cubin`` and ``metadata.shared``. Registers and local memory
-(spills) are read from the cubin with the ``cuobjdump`` shipped in Triton's wheel. The launches compiled are the
+(spills) are read by the ``ptxas`` shipped in Triton's wheel (``ptxas -v``). The launches compiled are the
 ones :func:`condconv.ops.triton_launch.plan` makes for a layer (meta tensors stand for the real ones), so their tile
 and specialisation choices are the launcher's.
 
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["LAYERS", "Layer", "StandInDriver", "tool", "compile_layer", "layer_sets", "SMEM_LIMIT"]
+__all__ = ["LAYERS", "Layer", "StandInDriver", "tool", "ptxas", "compile_layer", "layer_sets", "SMEM_LIMIT"]
 
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # opt-in shared memory per block (A100, H100/H200)
 
@@ -91,16 +91,15 @@ LAYERS: dict[str, Layer] = {layer.name: layer for layer in _resnet50() + _effnet
 
 
 def layer_sets() -> dict[str, list[tuple[Layer, torch.dtype]]]:
-    """``default``: a representative subset, every kernel and regime in 16-bit plus one layer per other dtype
-    (about a minute on 2 cores with a cold cache); ``full``: every layer x E in {1, 4, 8, 16} x four dtypes."""
+    """``default``: a representative subset covering every kernel and regime, E = 1, 4, 8, 16 and the four dtypes;
+    ``full``: every layer x E in {1, 4, 8, 16} x four dtypes."""
     from dataclasses import replace
 
-    bf16 = torch.bfloat16
-    default = [(LAYERS[n], bf16) for n in ("r50-s4-3x3", "r50-s1-3x3", "r50-s2-3x3-stride2", "r50-s3-1x1-reduce",
-                                            "b0-dw5x5-7", "b0-dw3x3-112", "odconv-3x3-14", "odconv-dw3x3-14")]
-    default += [(replace(LAYERS["r50-s4-3x3"], experts=16, name="r50-s4-3x3-e16"), bf16),
-                (replace(LAYERS["r50-s4-3x3"], experts=1, name="r50-s4-3x3-e1"), torch.float16),
-                (LAYERS["r50-s3-3x3"], torch.float32), (LAYERS["odconv-3x3-14"], torch.float64)]
+    bf16, fp16 = torch.bfloat16, torch.float16
+    default = [(LAYERS["r50-s4-3x3"], bf16), (replace(LAYERS["r50-s2-3x3-stride2"], experts=16), bf16),
+               (LAYERS["odconv-3x3-14"], bf16), (replace(LAYERS["b0-dw5x5-7"], experts=4), fp16),
+               (replace(LAYERS["r50-s3-1x1-reduce"], experts=1), torch.float32),
+               (LAYERS["odconv-dw3x3-14"], torch.float64)]
     full = [(replace(layer, experts=e, name=f"{layer.name}-e{e}"), dt) for layer in LAYERS.values()
             for e in (1, 4, 8, 16) for dt in (bf16, torch.float16, torch.float32, torch.float64)]
     return {"default": default, "full": full}
@@ -149,7 +148,7 @@ class StandInDriver:
 
 
 def tool(name: str) -> str | None:
-    """Path of a binary shipped in Triton's NVIDIA backend (``ptxas``, ``cuobjdump``), or None."""
+    """Path of a binary shipped in Triton's NVIDIA backend (``ptxas``...), or None."""
     try:
         from triton.backends.nvidia import compiler
     except ImportError:
@@ -158,17 +157,36 @@ def tool(name: str) -> str | None:
     return path if os.access(path, os.X_OK) else None
 
 
-def _resources(cubin: bytes) -> dict:
-    cuobjdump = tool("cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as fh:
-        fh.write(cubin)
+def ptxas(arch: int) -> str | None:
+    """The ptxas Triton itself uses for ``sm_{arch}`` (its wheel ships two), or None."""
     try:
-        text = subprocess.run([cuobjdump, "--dump-resource-usage", fh.name], capture_output=True, text=True,
-                              check=True).stdout
+        from triton.backends.nvidia import compiler
+    except ImportError:
+        return None
+    try:
+        try:
+            path = compiler.get_ptxas(arch).path
+        except TypeError:  # older Triton: one ptxas
+            path = compiler.get_ptxas().path
+    except (AttributeError, RuntimeError):
+        path = tool("ptxas")
+    return path if path and os.access(path, os.X_OK) else None
+
+
+def _resources(ptx: str, arch: int) -> dict:
+    """Registers, stack frame and spill bytes of the kernel, from ``ptxas -v`` (Triton's own ptxas)."""
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as fh:
+        fh.write(ptx)
+    try:
+        gpu = "sm_90a" if arch == 90 else f"sm_{arch}"
+        text = subprocess.run([ptxas(arch), "-v", f"--gpu-name={gpu}", fh.name, "-o", os.devnull],
+                              capture_output=True, text=True, check=True).stderr
     finally:
         os.unlink(fh.name)
-    found = dict(re.findall(r"\b(REG|STACK|LOCAL):(\d+)", text))
-    return {"registers": int(found["REG"]), "stack": int(found["STACK"]), "local": int(found["LOCAL"])}
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
+    return {"registers": int(re.search(r"Used (\d+) registers", text).group(1)),
+            "stack": int(re.search(r"(\d+) bytes stack frame", text).group(1)),
+            "spill_stores": int(spills.group(1)), "spill_loads": int(spills.group(2))}
 
 
 def _tensor_core_dots_in_loops(ttgir: str) -> tuple[int, int]:
@@ -200,7 +218,7 @@ def compile_launch(launch, arch: int) -> dict:
     return {"role": launch.role, "kernel": launch.kernel.__name__ if hasattr(launch.kernel, "__name__")
             else launch.kernel.fn.__name__, "arch": arch, "num_warps": compiled.metadata.num_warps,
             "num_stages": compiled.metadata.num_stages, "shared": compiled.metadata.shared,
-            "shared_limit": SMEM_LIMIT[arch], **_resources(compiled.asm["cubin"]), "instruction": kind,
+            "shared_limit": SMEM_LIMIT[arch], **_resources(ptx, arch), "instruction": kind,
             "wgmma": ptx.count("wgmma.mma_async"), "mma_sync": ptx.count("mma.sync"),
             "loop_dots": dots, "loop_tensor_core_dots": tc,
             "atomics": len(re.findall(r"\b(atom|red)\.", ptx)),
