@@ -41,8 +41,13 @@ EOF
 #    (conftest switches Triton's interpreter on only when no GPU is present)
 step tests-cuda python -m pytest -q -m cuda tests
 step tests-triton python -m pytest -q tests/test_triton.py tests/test_triton_strategy.py
+#    the kernels as compiled for this very GPU: registers, spills, shared memory, tensor-core instructions (the
+#    same report as benchmarks/results/triton-compile.md, which was made without a GPU), next to the timings below
+step compile-report env -u TRITON_INTERPRET PYTHONPATH=src python benchmarks/triton_compile_report.py \
+    --out "$OUT/triton-compile.md"
 
-# 2. layers: bf16 autocast, 8 experts, the README's shapes; 'triton' beside 'auto' and 'bmm'
+# 2. layers: bf16 autocast, 8 experts, the README's shapes; 'triton' beside 'auto' and 'bmm' (the Triton kernels
+#    of issue 21: small maps in example groups, large maps through a chunk workspace; see triton_launch)
 step layers condconv bench layers --device cuda --dtype bfloat16 --experts 8 --batch 32 256 \
     --strategies auto bmm triton --kinds condconv dynamic odconv --budget 1 \
     --csv "$OUT/layers.csv" --force   # the tables are in layers.log

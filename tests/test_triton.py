@@ -74,7 +74,8 @@ def tiles(monkeypatch):
             from condconv.nn.ops import triton_launch
 
             big = 64 if size >= 16 else 4 * size
-            monkeypatch.setattr(triton_launch, "INTERPRETER_TILES", {"BM": big, "BN": size, "BK": size, "BP": big})
+            monkeypatch.setattr(triton_launch, "INTERPRETER_TILES", {"BM": big, "BN": size, "BK": size, "BP": big,
+                                                                     "G": 2 if size >= 16 else 4})
     return set_tiles
 
 
@@ -554,3 +555,176 @@ def test_grouped_oracle_check_small():
 @pytest.mark.parametrize("layer", ["dense", "grouped", "dw"])
 def test_cuda_large(layer, dtype, rtol):
     check_layer(layer, dtype, rtol, size=28, batch=8, width=32)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Regimes and the defects of issue 21: large maps, example groups, many experts, determinism, device, offsets
+
+
+@pytest.fixture
+def regime(monkeypatch):
+    """``regime(name, workspace_bytes)``: force the dense kernels' regime ('group' or 'panel') and the large-map
+    workspace size (a tiny one splits the batch into chunks of one example)."""
+    def force(name: str, workspace: int = 1 << 20) -> None:
+        from condconv.nn.ops import triton_launch
+
+        monkeypatch.setattr(triton_launch, "FORCE_REGIME", name)
+        monkeypatch.setattr(triton_launch, "WORKSPACE_BYTES", workspace)
+    return force
+
+
+REGIME_CASES = [
+    {"kernel": (3, 3), "groups": "dense", "padding": "asym", "stride": 2, "dilation": 1, "bias": True,
+     "spatial": True, "in_scale": True, "out_scale": True, "batch": 3, "fmt": "cl", "hw": (6, 5)},
+    {"kernel": (2, 3), "groups": "grouped", "padding": "sym", "stride": 1, "dilation": 2, "bias": False,
+     "spatial": True, "in_scale": False, "out_scale": True, "batch": 2, "fmt": "strided", "hw": (5, 6)},
+    {"kernel": (1, 1), "groups": "dense", "padding": "zero", "stride": 2, "dilation": 1, "bias": True,
+     "spatial": False, "in_scale": True, "out_scale": False, "batch": 3, "fmt": "nchw", "hw": (3, 1)},
+]
+
+
+@pytest.mark.parametrize("workspace", [1, 1 << 20], ids=["chunks-of-1", "one-chunk"])
+@pytest.mark.parametrize("case", REGIME_CASES, ids=lambda c: _case_id({**c, "tiles": 16}))
+def test_large_map_regime_matches_reference(case, workspace, regime):
+    """The large-map regime (mixed kernels of a chunk in a workspace, then one implicit GEMM per example)."""
+    regime("panel", workspace)
+    compare(case, torch.float32, rtol=1e-4)
+
+
+def test_large_map_regime_float64(regime):
+    regime("panel", 1)
+    compare(REGIME_CASES[0], F64, rtol=1e-10)
+
+
+@pytest.mark.parametrize("group, batch", [(4, 5), (4, 3), (1, 2)], ids=["G4-B5", "G4-B3", "G1-B2"])
+@pytest.mark.parametrize("experts", [9, 16])
+def test_example_groups_and_many_experts(group, batch, experts, monkeypatch, regime):
+    """Small-map regime with groups of G examples that do not divide the batch (the last group is partial, or G
+    exceeds the batch), and more experts than the old unrolled mixing took (one 3-D load, no loop)."""
+    from condconv.nn.ops import triton_launch
+
+    regime("group")
+    monkeypatch.setattr(triton_launch, "INTERPRETER_TILES", {**triton_launch.INTERPRETER_TILES, "G": group,
+                                                             "BN": 4, "BK": 4, "BM": 16})
+    c = {"kernel": (3, 3), "groups": "grouped", "padding": "sym", "stride": 2, "dilation": 1, "bias": True,
+         "spatial": True, "in_scale": True, "out_scale": True, "batch": batch, "fmt": "nchw", "experts": experts,
+         "hw": (5, 4)}
+    compare(c, torch.float32, rtol=1e-4)
+
+
+@pytest.mark.parametrize("groups", ["dense", "dw2"])
+def test_deterministic_backward(groups):
+    """Under torch.use_deterministic_algorithms(True) the op runs (no error) and two backward passes agree bit for
+    bit and with the reference. (The kernels have no atomics at all: tests/test_triton_compile.py checks their PTX,
+    which is what makes this hold on a GPU too.)"""
+    c = {"kernel": (3, 3), "groups": groups, "padding": "sym", "stride": 1, "dilation": 1, "bias": True,
+         "spatial": True, "in_scale": True, "out_scale": True, "batch": 3, "fmt": "nchw", "hw": (4, 4)}
+    t = make_case(c)
+    names = [n for n in TENSORS if t[n] is not None]
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = []
+        for _ in range(2):
+            got_in = to_device(t, torch.float32)
+            y = run_op(got_in)
+            runs.append(torch.autograd.grad(y.square().sum(), [got_in[n] for n in names]))
+    finally:
+        torch.use_deterministic_algorithms(before)
+    ref_in = cpu_leaves(t, names)
+    want = torch.autograd.grad(oracle(ref_in).square().sum(), [ref_in[n] for n in names])
+    for name, a, b, w in zip(names, *runs, want):
+        assert torch.equal(a, b), name
+        torch.testing.assert_close(a.cpu().double(), w, rtol=1e-4, atol=1e-4 * max(1.0, w.abs().max().item()))
+
+
+def test_launches_run_under_the_inputs_device(monkeypatch):
+    """Every launch (forward and backward) runs inside the device guard of the input's device."""
+    from condconv.nn.ops import triton_launch
+
+    entered = []
+    real_guard = triton_launch._device_guard
+
+    def recording_guard(device):
+        entered.append(device)
+        return real_guard(device)
+
+    kernels_seen = []
+    real_run = triton_launch._run
+
+    def run(launches, device):
+        kernels_seen.extend(launch.role for launch in launches)
+        real_run(launches, device)
+
+    monkeypatch.setattr(triton_launch, "_device_guard", recording_guard)
+    monkeypatch.setattr(triton_launch, "_run", run)
+    c = {"kernel": (3, 3), "groups": "dense", "padding": "sym", "stride": 1, "dilation": 1, "bias": True,
+         "spatial": False, "in_scale": False, "out_scale": False, "batch": 2, "fmt": "nchw", "hw": (4, 4)}
+    t = to_device(make_case(c), torch.float32)
+    y = run_op(t)
+    torch.autograd.grad(y.sum(), [t["x"], t["weight"]])
+    assert {"forward/small-map", "input-grad/small-map", "kernel-grads/dense"} <= set(kernels_seen)
+    assert len(entered) == 3 and all(d == t["x"].device for d in entered)
+
+
+def test_device_guard_selects_the_inputs_cuda_device(monkeypatch):
+    """For a CUDA input on device 1 the guard is torch.cuda.device(that device) (a stand-in: no GPU needed)."""
+    from condconv.nn.ops import triton_launch
+
+    chosen = []
+
+    class StandIn:
+        def __init__(self, device):
+            chosen.append(device)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(torch.cuda, "device", StandIn)
+    with triton_launch._device_guard(torch.device("cuda", 1)):
+        pass
+    assert chosen == [torch.device("cuda", 1)]
+    with triton_launch._device_guard(torch.device("cpu")):
+        pass
+    assert chosen == [torch.device("cuda", 1)]
+
+
+def test_offsets_that_would_overflow_32_bits_are_refused():
+    """Every tensor a launch touches is checked: per example for batched tensors, whole for the rest; strided
+    views count by their strides, not their element count."""
+    from condconv.nn.ops import triton_launch
+
+    meta = {"device": "meta"}
+    x = torch.empty(64, 64, 56, 56, **meta)
+    triton_launch.check_offsets({"x": x}, ("x",))
+    wide = torch.empty_strided((2, 4, 8, 8), (2**32, 2**30, 8, 1), **meta)  # a view far apart within an example
+    with pytest.raises(ValueError, match=r"grad_x spans \d+ elements per example"):
+        triton_launch.check_offsets({"grad_x": wide}, ("grad_x",))
+    triton_launch.check_offsets({"y": torch.empty_strided((2, 4, 8, 8), (2**31, 64, 8, 1), **meta)}, ("y",))
+    with pytest.raises(ValueError, match="partial W spans"):
+        triton_launch.check_offsets({"partial W": torch.empty(2**31 + 1, **meta)}, ())
+    # the launcher checks outputs too: a layer whose output per example exceeds 2**31 elements is refused
+    xb = torch.empty(1, 1, 2**16, 2**15 + 1, dtype=torch.bfloat16, **meta)
+    w = torch.empty(1, 1, 1, 1, 1, **meta)
+    with pytest.raises(ValueError, match="x spans"):
+        triton_launch.plan(xb, w, torch.empty(1, 1, **meta), None, None, None, None, (1, 1), (0, 0, 0, 0), (1, 1), 1)
+
+
+def test_expert_bank_cache(monkeypatch):
+    """With the cache on, an unchanged weight reuses its bank; an in-place update (version bump) rebuilds it."""
+    from condconv.nn.ops import triton_launch
+
+    monkeypatch.setattr(triton_launch, "CACHE_BANK", True)
+    monkeypatch.setattr(triton_launch, "_BANKS", type(triton_launch._BANKS)())
+    w = torch.randn(3, 4, 2, 3, 3, device=DEVICE)
+    first = triton_launch._bank(w, torch.float32, False, 1)
+    assert triton_launch._bank(w, torch.float32, False, 1) is first
+    assert triton_launch._bank(w, torch.float32, True, 1) is not first
+    with torch.no_grad():
+        w.mul_(2)
+    again = triton_launch._bank(w, torch.float32, False, 1)
+    assert again is not first
+    torch.testing.assert_close(again, 2 * first)

@@ -10,23 +10,29 @@ For every example ``b`` of a batch::
 is added after ``out_scale``). :func:`triton_dynamic_conv2d` validates its arguments and calls the custom operator
 ``condconv::dynamic_conv2d``, whose backward is a second operator, ``condconv::dynamic_conv2d_backward``. Both are
 opaque to ``torch.compile`` (with fake implementations for tracing, dynamic shapes included). Neither materialises
-per-example kernels or im2col columns: the kernels (:mod:`condconv.nn.ops.triton_kernels`) mix tiles of ``K_b`` from
-the experts where they use them, forward and backward, so training memory stays close to a static convolution's.
+per-example kernels of the whole batch or im2col columns: the kernels (:mod:`condconv.nn.ops.triton_gemm`,
+``triton_wgrad``, ``triton_kernels``) mix tiles of ``K_b`` from the experts where they use them (small maps), or the
+kernels of one chunk of examples into a workspace of at most 16 MiB (large maps), so training memory stays close to
+a static convolution's.
 
 Dtypes: the output has ``x``'s dtype (float16, bfloat16, float32 or float64) and memory format (channels_last in,
 channels_last out; any other strides in, contiguous out). ``weight``, ``routing`` and the optional tensors may have
-any floating dtype (under autocast the engine passes a bfloat16 ``x`` with float32 experts): they are read in their
-own dtype, the experts are mixed in float32, the mixed tile is rounded to ``x``'s dtype for the tensor-core
-product, and every product accumulates in float32 (float64 when ``x`` is float64). Gradients are accumulated in
+any floating dtype (under autocast the engine passes a bfloat16 ``x`` with float32 experts): the experts are copied
+once per call into the kernels' layout in ``x``'s dtype, mixed by a product with the routing (in that dtype,
+accumulated in float32), the mixed tile rounded to ``x``'s dtype for the tensor-core product, and every product
+accumulates in float32 (float64 when ``x`` is float64). Gradients are accumulated in
 float32 buffers and returned in each input's dtype. float32 products use TF32 only when
 ``torch.get_float32_matmul_precision()`` is not ``'highest'`` (the same switch as ``torch.matmul``).
 
-Backward: the input gradient is a transposed implicit GEMM with the re-mixed kernel; one kernel computes, per
-example and tile, the gradient ``G_b`` of the mixed kernel and reduces it at once into the gradients of the experts,
-routing, spatial attention and both channel scales. The output-scale gradient ``sum_hw dy * conv(...)`` is obtained
-there as ``sum_{c, kpos} G_b / out_scale * K_b`` (the factor is simply not applied), and the input-scale gradient
-likewise, so the forward saves nothing beyond its inputs and nothing is recomputed. The bias gradient and the
-bias's share of the routing gradient are small reductions done with torch. Double backward is not supported.
+Backward: the input gradient is a transposed implicit GEMM with the re-mixed kernel, per stride phase over the
+valid kernel positions only; one kernel computes, per group of examples and tile, the gradient ``G_b`` of the mixed
+kernel and reduces it at once into the gradients of the experts, routing, spatial attention and both channel scales.
+The output-scale gradient ``sum_hw dy * conv(...)`` is obtained there as ``sum_{c, kpos} G_b / out_scale * K_b``
+(the factor is simply not applied), and the input-scale gradient likewise, so the forward saves nothing beyond its
+inputs and nothing is recomputed. No kernel uses atomics: each program writes partial sums to its own slots, added
+in a fixed order, so the backward is deterministic (``torch.use_deterministic_algorithms(True)`` is honoured). The
+bias gradient and the bias's share of the routing gradient are small reductions done with torch. Kernels launch on
+the input's device (:mod:`condconv.nn.ops.triton_launch`). Double backward is not supported.
 
 This module imports neither Triton nor the kernels until the operator first runs, so :func:`triton_status` answers
 on machines without Triton.
