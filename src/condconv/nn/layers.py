@@ -50,7 +50,7 @@ from condconv.utils.checks import positive_int as _positive_int
 
 __all__ = ["CondConv1d", "CondConv2d", "CondConv3d", "DynamicConv1d", "DynamicConv2d", "DynamicConv3d", "ODConv1d",
            "ODConv2d", "ODConv3d", "make_conv2d", "DynamicConvBase", "LAYERS", "LAYERS_BY_RANK", "TORCH_CONVS",
-           "CONV_KINDS", "DYNAMIC_KINDS"]
+           "CONV_KINDS", "DYNAMIC_KINDS", "spatial_ranks"]
 
 #: The static convolution of each spatial rank, the one a dynamic layer of that rank replaces.
 TORCH_CONVS: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -535,6 +535,18 @@ LAYERS_BY_RANK: dict[int, dict[str, type[DynamicConvBase]]] = {
 DYNAMIC_KINDS = tuple(LAYERS)
 #: ``conv=`` values of the model zoo: a plain ``nn.Conv2d`` or one of :data:`LAYERS`.
 CONV_KINDS = ("static", *DYNAMIC_KINDS)
+
+
+def spatial_ranks(model: nn.Module) -> list[int]:
+    """The spatial ranks (1, 2, 3) of the convolutions of ``model``, static (``nn.Conv1d/2d/3d``) and dynamic, in
+    increasing order; ``[2]`` for a model without any (what the MAC counter and the exporter expect of an input)."""
+    ranks = set()
+    for module in model.modules():
+        if isinstance(module, DynamicConvBase):
+            ranks.add(module.spatial_dims)
+        else:
+            ranks.update(rank for rank, cls in TORCH_CONVS.items() if isinstance(module, cls))
+    return sorted(ranks) or [2]
 
 
 def make_conv2d(conv: str, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,

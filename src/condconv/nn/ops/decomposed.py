@@ -201,6 +201,10 @@ def scan(x: Tensor, kernels: Tensor, geometry, out_hw, bias: Tensor | None = Non
             raise RuntimeError("strategy='scan' needs torch.export's scan operation (torch >= 2.6) to be traced")
 
         init = x.new_zeros(())
+        if bias is None and kernels.dim() == 6:
+            # the dynamo ONNX exporter translates a bias-less conv3d inside the Scan body into a Conv whose bias input
+            # names a value of the outer graph (onnxruntime: "bias must be a 1D tensor"): give it a real zero bias
+            bias = kernels.new_zeros((kernels.shape[0], kernels.shape[1]))
         xs = [x, kernels] if bias is None else [x, kernels, bias]
         if _dynamo_compiling():  # torch.compile and strict export: dynamo wants the user-facing function
 
