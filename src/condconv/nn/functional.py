@@ -381,8 +381,8 @@ def dynamic_conv2d(
     :func:`dynamic_conv` is the same for any rank; :func:`dynamic_conv1d` and :func:`dynamic_conv3d` take 1-D and
     3-D convolutions.
     """
-    return dynamic_conv(x, weight, routing, bias, stride, padding, dilation, groups, padding_mode, spatial=spatial,
-                        in_scale=in_scale, out_scale=out_scale, strategy=strategy, _rank=2)
+    return _checked_call(2, x, weight, routing, bias, stride, padding, dilation, groups, padding_mode, spatial,
+                         in_scale, out_scale, strategy)
 
 
 def dynamic_conv(
@@ -400,7 +400,6 @@ def dynamic_conv(
     in_scale: Tensor | None = None,
     out_scale: Tensor | None = None,
     strategy: str = "auto",
-    _rank: int | None = None,
 ) -> Tensor:
     """:func:`dynamic_conv2d` for a convolution of any rank, read from the expert bank: 1-D, 2-D or 3-D.
 
@@ -418,8 +417,16 @@ def dynamic_conv(
     Returns:
         ``(B, C_out, *out_size)``.
     """
+    return _checked_call(None, x, weight, routing, bias, stride, padding, dilation, groups, padding_mode, spatial,
+                         in_scale, out_scale, strategy)
+
+
+def _checked_call(rank: int | None, x: Tensor, weight: Tensor, routing: Tensor, bias: Tensor | None, stride, padding,
+                  dilation, groups: int, padding_mode: str, spatial: Tensor | None, in_scale: Tensor | None,
+                  out_scale: Tensor | None, strategy: str) -> Tensor:
+    """Validate (requiring spatial rank ``rank`` unless None) and run one dynamic convolution."""
     _check_strategy(strategy)
-    call = _validate(x, weight, routing, bias, stride, padding, dilation, groups, padding_mode, spatial, _rank)
+    call = _validate(x, weight, routing, bias, stride, padding, dilation, groups, padding_mode, spatial, rank)
     _check_scales(in_scale, out_scale, call.batch, call.in_channels, call.out_channels)
     return _run_validated(x, weight, routing, bias, groups, padding_mode, spatial, strategy, call, in_scale, out_scale)
 
@@ -431,8 +438,8 @@ def dynamic_conv1d(x: Tensor, weight: Tensor, routing: Tensor, bias: Tensor | No
                    strategy: str = "auto") -> Tensor:
     """:func:`dynamic_conv2d` in 1-D: ``x (B, C_in, L)``, ``weight (E, C_out, C_in // groups, k)``, ``spatial
     (B, k)``, the semantics of :func:`torch.nn.functional.conv1d` -> ``(B, C_out, L_out)``."""
-    return dynamic_conv(x, weight, routing, bias, stride, padding, dilation, groups, padding_mode, spatial=spatial,
-                        in_scale=in_scale, out_scale=out_scale, strategy=strategy, _rank=1)
+    return _checked_call(1, x, weight, routing, bias, stride, padding, dilation, groups, padding_mode, spatial,
+                         in_scale, out_scale, strategy)
 
 
 def dynamic_conv3d(x: Tensor, weight: Tensor, routing: Tensor, bias: Tensor | None = None,
@@ -443,8 +450,8 @@ def dynamic_conv3d(x: Tensor, weight: Tensor, routing: Tensor, bias: Tensor | No
     """:func:`dynamic_conv2d` in 3-D: ``x (B, C_in, D, H, W)``, ``weight (E, C_out, C_in // groups, kd, kh, kw)``,
     ``spatial (B, kd, kh, kw)``, the semantics of :func:`torch.nn.functional.conv3d` -> ``(B, C_out, D_out, H_out,
     W_out)``."""
-    return dynamic_conv(x, weight, routing, bias, stride, padding, dilation, groups, padding_mode, spatial=spatial,
-                        in_scale=in_scale, out_scale=out_scale, strategy=strategy, _rank=3)
+    return _checked_call(3, x, weight, routing, bias, stride, padding, dilation, groups, padding_mode, spatial,
+                         in_scale, out_scale, strategy)
 
 
 def _per_channel(scale: Tensor, rank: int) -> Tensor:

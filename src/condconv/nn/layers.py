@@ -30,10 +30,10 @@ from condconv.nn.functional import (
     SPATIAL_AXES,
     STRATEGIES,
     _Call,
+    _checked_call,
     _ntuple,
     _run_validated,
     _validate,
-    dynamic_conv,
     get_default_strategy,
     resolve_padding,
 )
@@ -192,9 +192,8 @@ class DynamicConvBase(nn.Module):
         if call is not None:
             return _run_validated(x, self.weight, routing, bias, self.groups, self.padding_mode, spatial, strategy,
                                   call, in_scale, out_scale)
-        return dynamic_conv(x, self.weight, routing, bias, self.stride, self.padding, self.dilation, self.groups,
-                            self.padding_mode, spatial=spatial, in_scale=in_scale, out_scale=out_scale,
-                            strategy=strategy, _rank=self.spatial_dims)
+        return _checked_call(self.spatial_dims, x, self.weight, routing, bias, self.stride, self.padding,
+                             self.dilation, self.groups, self.padding_mode, spatial, in_scale, out_scale, strategy)
 
     def _load_static(self, conv: nn.Conv2d, gain: float, perturb: float, generator: torch.Generator | None) -> None:
         """Fill every expert with ``conv``'s kernel divided by ``gain`` (the zeroed router's total weight).
