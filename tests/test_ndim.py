@@ -213,6 +213,22 @@ def test_layers_match_the_reference_and_are_independent_per_example(kind, rank, 
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("rank", [1, 3])
+def test_layer_gradcheck(kind, rank):
+    """gradcheck of each layer, router included, through its input, experts and bias."""
+    cls = LAYERS_BY_RANK[rank][kind]
+    layer = cls(4, 4, 2, padding=1, groups=2, num_experts=2, dtype=F64)
+    x = torch.randn(2, 4, *((5,) if rank == 1 else (2, 3, 2)), dtype=F64, requires_grad=True)
+    weight = layer.weight.detach().clone().requires_grad_()
+    bias = layer.bias.detach().clone().requires_grad_()
+
+    def f(x, weight, bias):
+        return torch.func.functional_call(layer, {"weight": weight, "bias": bias}, (x,))
+
+    assert torch.autograd.gradcheck(f, (x, weight, bias), fast_mode=True)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("rank", [1, 3])
 def test_layer_contract(kind, rank):
     """Arguments, state_dict layout, initialisation, memory formats and input checks of the 1-D/3-D layers."""
     cls = LAYERS_BY_RANK[rank][kind]
