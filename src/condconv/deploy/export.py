@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from condconv.nn.functional import get_default_strategy, use_strategy
-from condconv.nn.layers import DynamicConvBase
+from condconv.nn.layers import DynamicConvBase, spatial_ranks
 from condconv.nn.ops.context import static_batch
 from condconv.utils.fileio import atomic_output, check_writable
 
@@ -57,13 +57,22 @@ ONNX_EXPORTERS = ("auto", "dynamo", "torchscript")
 _BATCH_DEPENDENT = ("grouped", "single")
 
 
-def _check_input_size(input_size) -> tuple[int, ...]:
+_LAYOUTS = {1: "(C, L)", 2: "(C, H, W)", 3: "(C, D, H, W)"}
+_COUNTS = {1: "two", 2: "three", 3: "four"}
+
+
+def _check_input_size(input_size, model: nn.Module | None = None) -> tuple[int, ...]:
+    """``input_size`` as ints: ``(C, H, W)``, or ``(C, L)`` / ``(C, D, H, W)`` for a model of 1-D / 3-D convolutions
+    (the ranks :func:`condconv.nn.layers.spatial_ranks` finds in ``model``)."""
+    ranks = spatial_ranks(model) if model is not None else [2]
+    layouts = " or ".join(_LAYOUTS[rank] for rank in ranks)
     try:
         size = tuple(int(s) for s in input_size)
     except TypeError:
-        raise ValueError(f"input_size must be a sequence of positive ints (C, H, W), got {input_size!r}") from None
-    if len(size) != 3 or min(size) < 1 or any(isinstance(s, bool) for s in input_size):
-        raise ValueError(f"input_size must be three positive ints (C, H, W), got {input_size!r}")
+        raise ValueError(f"input_size must be a sequence of positive ints {layouts}, got {input_size!r}") from None
+    if len(size) - 1 not in ranks or min(size) < 1 or any(isinstance(s, bool) for s in input_size):
+        expected = " or ".join(f"{_COUNTS[rank]} positive ints {_LAYOUTS[rank]}" for rank in ranks)
+        raise ValueError(f"input_size must be {expected}, got {input_size!r}")
     return size
 
 
@@ -166,11 +175,12 @@ def export_model(
 
     Args:
         model: the model, in eval mode (BatchNorm must use its running statistics); any ``nn.Module`` taking one
-            ``(B, C, H, W)`` tensor and returning one tensor.
+            ``(B, C, H, W)`` tensor (``(B, C, L)``, ``(B, C, D, H, W)`` for 1-D, 3-D layers) and returning one tensor.
         path: output file. Suffix conventions: ``.onnx``, ``.pt`` (TorchScript), ``.pt2`` (ExportedProgram).
         format: ``'onnx'`` (default), ``'torchscript'`` (``torch.jit.trace``) or ``'exported-program'``
             (``torch.export.export`` then ``torch.export.save``).
-        input_size: ``(C, H, W)`` of the example input; the spatial size is fixed in the exported graph.
+        input_size: ``(C, H, W)`` of the example input (``(C, L)`` / ``(C, D, H, W)`` for a model of 1-D / 3-D
+            convolutions); the spatial size is fixed in the exported graph.
         opset: ONNX opset (``None``: the exporter's default; 17 for the TorchScript-based exporter).
         batch_size: ``None`` (default): any batch size (traced with 2 examples). An int: the graph is fixed to that
             many images (a static batch; ``dynamic_batch=True`` instead traces with that many and keeps the axis
@@ -204,7 +214,7 @@ def export_model(
         raise ValueError(f"model is in training mode ({', '.join(training[:3])}{', ...' if len(training) > 3 else ''}"
                          "): call model.eval() before exporting, or BatchNorm would be exported with batch "
                          "statistics and dropout active")
-    size = _check_input_size(input_size)
+    size = _check_input_size(input_size, model)
     batch_size, dynamic_batch = _resolve_batch(batch_size, dynamic_batch)
     if opset is not None and (isinstance(opset, bool) or not isinstance(opset, int) or opset < 7):
         raise ValueError(f"opset must be an int >= 7 or None, got {opset!r}")
@@ -342,7 +352,7 @@ def verify_export(path: str | Path, model: nn.Module, input_size: Sequence[int] 
     Raises:
         RuntimeError: a difference above ``atol + rtol * max|pytorch output|`` (the message lists all sizes).
     """
-    size = _check_input_size(input_size)
+    size = _check_input_size(input_size, model)
     run = load_exported(path, format)
     errors: dict[int, float] = {}
     bad = []

@@ -4,7 +4,8 @@ Conditionally Parameterized Convolutions for Efficient Inference", NeurIPS 2019,
 Conventions (one multiply-add = one MAC, counted for one image):
 
 - ``conv``: convolutions and linear layers outside routers, ``C_out * H_out * W_out * C_in / groups * kh * kw``
-  (``in * out`` for a linear layer); a dynamic convolution counts as the static convolution of the same shape.
+  (``in * out`` for a linear layer; for 1-D and 3-D convolutions the product over their output and kernel axes); a
+  dynamic convolution counts as the static convolution of the same shape.
   Bias additions are not multiply-adds and are not counted.
 - ``routing``: the routers: their layers (CondConv's ``Linear(C_in, E)``, DynamicConv's MLP, ODConv's trunk and
   heads) and their global average pooling of the routed input, ``C_in * H * W``.
@@ -38,6 +39,7 @@ Cross-checked in the tests against :class:`torch.utils.flop_counter.FlopCounterM
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -46,7 +48,7 @@ from torch import nn
 
 from condconv.models.blocks import SqueezeExcite
 from condconv.models.presets import PRESETS
-from condconv.nn.layers import DynamicConvBase
+from condconv.nn.layers import DynamicConvBase, spatial_ranks
 from condconv.nn.routing import ROUTERS, OmniRouter
 
 __all__ = [
@@ -67,7 +69,11 @@ CATEGORIES = ("conv", "routing", "mixing", "other")
 CONVENTIONS = ("default", "odconv")
 #: The counting convention under which each paper's cost table is reproduced (see the module docstring).
 PAPER_CONVENTIONS = {"condconv": "default", "dynamic": "default", "odconv": "odconv"}
-_AVG_POOLS = (nn.AdaptiveAvgPool2d, nn.AvgPool2d)
+_AVG_POOLS = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AvgPool1d, nn.AvgPool2d,
+              nn.AvgPool3d)
+_ADAPTIVE_POOLS = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
+#: The static convolutions counted (any rank).
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 @dataclass(frozen=True)
@@ -108,7 +114,7 @@ class MacReport:
         params: parameters of the model.
         categories: :data:`CATEGORIES` -> :class:`Cost`.
         modules: the modules with MACs or parameters, in registration order.
-        input_size: the ``(C, H, W)`` counted.
+        input_size: the ``(C, H, W)`` counted (``(C, L)`` / ``(C, D, H, W)`` for 1-D / 3-D models).
     """
 
     macs: int
@@ -132,8 +138,7 @@ class MacReport:
 
 
 def _conv_macs(module: nn.Module, output: torch.Tensor) -> int:
-    kh, kw = module.kernel_size
-    return output[0].numel() * (module.in_channels // module.groups) * kh * kw
+    return output[0].numel() * (module.in_channels // module.groups) * math.prod(module.kernel_size)
 
 
 def _dynamic_macs(layer: DynamicConvBase, inputs: torch.Tensor, output: torch.Tensor,
@@ -143,7 +148,7 @@ def _dynamic_macs(layer: DynamicConvBase, inputs: torch.Tensor, output: torch.Te
     router = layer.router
     if isinstance(router, OmniRouter):
         if convention == "odconv":  # the official code's kernel: multiply by the attentions, sum over experts
-            pointwise_single = layer.num_experts == 1 and layer.kernel_size == (1, 1)
+            pointwise_single = layer.num_experts == 1 and all(k == 1 for k in layer.kernel_size)
             mixing = 0 if pointwise_single else 2 * layer.num_experts * layer.weight[0].numel()
         elif router.spatial is not None:
             mixing += layer.weight[0].numel()
@@ -156,22 +161,37 @@ def _dynamic_macs(layer: DynamicConvBase, inputs: torch.Tensor, output: torch.Te
 
 def _pool_macs(module: nn.Module, inputs: torch.Tensor, output: torch.Tensor) -> int:
     """Average pooling: one accumulate per input element (adaptive) or per kernel tap of each output."""
-    if isinstance(module, nn.AdaptiveAvgPool2d):
+    if isinstance(module, _ADAPTIVE_POOLS):
         return inputs[0].numel()
-    kernel = module.kernel_size if isinstance(module.kernel_size, tuple) else (module.kernel_size,) * 2
-    return output[0].numel() * kernel[0] * kernel[1]
+    rank = inputs.dim() - 2  # batched input: (B, C, *spatial)
+    kernel = module.kernel_size if isinstance(module.kernel_size, tuple) else (module.kernel_size,) * rank
+    return output[0].numel() * math.prod(kernel)
 
 
 def _categorise(model: nn.Module) -> dict[int, str]:
     """Parameter category of every module: routers' insides -> routing; convolutions, linear layers -> conv."""
     category = {}
     for module in model.modules():
-        if isinstance(module, (DynamicConvBase, nn.Conv2d, nn.Linear)):
+        if isinstance(module, (DynamicConvBase, *_CONVS, nn.Linear)):
             category.setdefault(id(module), "conv")
         if isinstance(module, ROUTERS):
             for inner in module.modules():
                 category[id(inner)] = "routing"
     return category
+
+
+_INPUT_LAYOUTS = {1: "two positive ints (channels, length)", 2: "three positive ints (channels, height, width)",
+                  3: "four positive ints (channels, depth, height, width)"}
+
+
+def _check_input_size(model: nn.Module, input_size) -> tuple[int, ...]:
+    """``input_size`` as a tuple, with one spatial size per axis of the model's convolutions (``ValueError``)."""
+    size = tuple(input_size)
+    ranks = spatial_ranks(model)
+    if len(size) - 1 not in ranks or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size):
+        expected = " or ".join(_INPUT_LAYOUTS.get(rank, f"{rank + 1} positive ints") for rank in ranks)
+        raise ValueError(f"input_size must be {expected}, got {input_size!r}")
+    return size
 
 
 @torch.no_grad()
@@ -180,8 +200,10 @@ def count_macs(model: nn.Module, input_size: Sequence[int] = (3, 224, 224), *,
     """Count multiply-adds (per image) and parameters of ``model`` with the CondConv paper's conventions.
 
     Args:
-        model: any module taking one ``(B, C, H, W)`` tensor; its training mode is restored afterwards.
-        input_size: ``(C, H, W)`` of one image. Default ``(3, 224, 224)``.
+        model: any module taking one ``(B, C, H, W)`` tensor (``(B, C, L)`` / ``(B, C, D, H, W)`` for a model of 1-D /
+            3-D convolutions); its training mode is restored afterwards.
+        input_size: ``(C, H, W)`` of one image (``(C, L)``, ``(C, D, H, W)`` for 1-D / 3-D). Default
+            ``(3, 224, 224)``.
         convention: ``'default'`` (the CondConv paper's) or ``'odconv'`` (ODConv layers' kernel counted as the
             official ODConv code forms it); see the module docstring and :data:`PAPER_CONVENTIONS`.
 
@@ -190,9 +212,7 @@ def count_macs(model: nn.Module, input_size: Sequence[int] = (3, 224, 224), *,
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    size = tuple(input_size)
-    if len(size) != 3 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size):
-        raise ValueError(f"input_size must be three positive ints (channels, height, width), got {input_size!r}")
+    size = _check_input_size(model, input_size)
     if convention not in CONVENTIONS:
         raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
     category = _categorise(model)
@@ -201,7 +221,7 @@ def count_macs(model: nn.Module, input_size: Sequence[int] = (3, 224, 224), *,
     def hook(module: nn.Module, inputs: tuple, output) -> None:
         if isinstance(module, DynamicConvBase):
             counted = _dynamic_macs(module, inputs[0], output, convention)
-        elif isinstance(module, nn.Conv2d):
+        elif isinstance(module, _CONVS):
             counted = {category[id(module)]: _conv_macs(module, output)}
         elif isinstance(module, nn.Linear):
             counted = {category[id(module)]: output.numel() * module.in_features}

@@ -1,5 +1,9 @@
 """Turn the ``nn.Conv2d`` layers of an existing (pretrained) network into dynamic convolutions, function-preserving.
 
+``nn.Conv1d`` and ``nn.Conv3d`` layers (audio, video models) are converted the same way, into the layer of their rank
+(``'condconv'`` puts a :class:`~condconv.CondConv1d` in place of an ``nn.Conv1d``, a :class:`~condconv.CondConv3d`
+in place of an ``nn.Conv3d``); "convolutions" below means all three.
+
 CondConv (Yang et al., "CondConv: Conditionally Parameterized Convolutions for Efficient Inference", NeurIPS 2019,
 arXiv:1904.04971) places its layers in the later part of a network; DynamicConv (Chen et al., CVPR 2020,
 arXiv:1912.03458) and ODConv (Li, Zhou, Yao, ICLR 2022, arXiv:2209.07947) replace the convolutions of existing
@@ -32,7 +36,7 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from condconv.nn.layers import LAYERS, DynamicConvBase
+from condconv.nn.layers import LAYERS, LAYERS_BY_RANK, TORCH_CONVS, DynamicConvBase
 
 __all__ = [
     "apply_conversion",
@@ -47,16 +51,25 @@ logger = logging.getLogger(__name__)
 Selector = str | Callable[[str, nn.Module], bool]
 
 
+_TORCH_CONV_TYPES = tuple(TORCH_CONVS.values())
+
+
+def _rank(module: nn.Module) -> int | None:
+    """The spatial rank of an ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d`` (or subclass), else None."""
+    return next((rank for rank, cls in TORCH_CONVS.items() if isinstance(module, cls)), None)
+
+
 def _is_convertible(module: nn.Module) -> bool:
-    """Plain ``nn.Conv2d`` (or a subclass that keeps its forward, e.g. one that only changes initialisation)."""
-    return isinstance(module, nn.Conv2d) and type(module).forward is nn.Conv2d.forward
+    """Plain ``nn.Conv1d/2d/3d`` (or a subclass that keeps its forward, e.g. one that only changes initialisation)."""
+    rank = _rank(module)
+    return rank is not None and type(module).forward is TORCH_CONVS[rank].forward
 
 
 def _describe(module: nn.Module) -> str:
     if isinstance(module, DynamicConvBase):
         return f"{type(module).__name__}, already dynamic"
-    if isinstance(module, nn.Conv2d):
-        return f"{type(module).__name__}, an nn.Conv2d subclass with its own forward"
+    if isinstance(module, _TORCH_CONV_TYPES):
+        return f"{type(module).__name__}, an nn.Conv{_rank(module)}d subclass with its own forward"
     dynamic = [name for name, m in module.named_modules() if isinstance(m, DynamicConvBase)]
     if dynamic:
         return f"{type(module).__name__} whose convolutions {', '.join(dynamic[:3])} are already dynamic"
@@ -97,7 +110,7 @@ def _execution_order(model: nn.Module, convs: list[tuple[str, nn.Module]], examp
 
 
 def list_convs(model: nn.Module, *, example_input=None) -> list[str]:
-    """Dotted names of the convertible ``nn.Conv2d`` layers of ``model``.
+    """Dotted names of the convertible ``nn.Conv2d`` (and ``nn.Conv1d``, ``nn.Conv3d``) layers of ``model``.
 
     Args:
         model: any module.
@@ -145,11 +158,12 @@ def _check_pattern_targets(selector: str, hits: list[str], modules: list[tuple[s
     matched = [(name, m) for name, m in modules if fnmatch.fnmatchcase(name, selector)]
     if not matched:
         hint = ", ".join(convs[:8]) + (", ..." if len(convs) > 8 else "")
-        raise ValueError(f"{argname} pattern {selector!r} matches no module of the model; its Conv2d layers are: "
-                         f"{hint or 'none'}")
+        raise ValueError(f"{argname} pattern {selector!r} matches no module of the model; its convolutions "
+                         f"(nn.Conv1d/2d/3d) are: {hint or 'none'}")
     if not hits:
         what = ", ".join(f"{name} ({_describe(m)})" for name, m in matched[:6])
-        raise TypeError(f"{argname} pattern {selector!r} matches no convertible nn.Conv2d, only: {what}")
+        raise TypeError(f"{argname} pattern {selector!r} matches no convertible nn.Conv2d, only: {what} (convertible: "
+                        "plain nn.Conv1d, nn.Conv2d and nn.Conv3d layers)")
 
 
 def select_convs(model: nn.Module, include: Selector | Sequence[Selector] | None = None,
@@ -157,8 +171,8 @@ def select_convs(model: nn.Module, include: Selector | Sequence[Selector] | None
     """Names of the convolutions :func:`convert` would replace (same arguments; see there).
 
     Raises:
-        ValueError: the model has no ``nn.Conv2d``; an ``include`` pattern matches no module; nothing is left.
-        TypeError: an ``include`` pattern matches only modules that are not convertible ``nn.Conv2d`` layers
+        ValueError: the model has no ``nn.Conv1d/2d/3d``; an ``include`` pattern matches no module; nothing is left.
+        TypeError: an ``include`` pattern matches only modules that are not convertible ``nn.Conv1d/2d/3d`` layers
             (e.g. a ``Linear``, an already dynamic layer, or a Conv2d subclass with its own ``forward``).
     """
     modules = _named_modules(model)
@@ -167,22 +181,22 @@ def select_convs(model: nn.Module, include: Selector | Sequence[Selector] | None
     includes = _as_selectors(include, "include")
     excludes = _as_selectors(exclude, "exclude")
     if not all_convs:
-        others = sorted({_describe(m) for _, m in modules if isinstance(m, nn.Conv2d)})
-        raise ValueError("model has no convertible nn.Conv2d layer" + (f" (found: {', '.join(others)})" if others
-                                                                        else ""))
+        others = sorted({_describe(m) for _, m in modules if isinstance(m, _TORCH_CONV_TYPES)})
+        raise ValueError("model has no convertible nn.Conv2d layer (nor nn.Conv1d, nn.Conv3d)"
+                         + (f" (found: {', '.join(others)})" if others else ""))
     if includes:
         chosen: set[str] = set()
         for selector in includes:
             hits = [name for name, m in all_convs if _selected_by(selector, name, m)]
             if isinstance(selector, str):
                 _check_pattern_targets(selector, hits, modules, "include", conv_names)
-                skipped = [name for name, m in modules if not _is_convertible(m) and isinstance(m, nn.Conv2d)
-                           and fnmatch.fnmatchcase(name, selector)]
+                skipped = [name for name, m in modules if not _is_convertible(m)
+                           and isinstance(m, _TORCH_CONV_TYPES) and fnmatch.fnmatchcase(name, selector)]
                 if skipped:
-                    logger.warning("include %r: skipping %s (not a plain nn.Conv2d)", selector, skipped)
+                    logger.warning("include %r: skipping %s (not a plain nn.Conv1d/2d/3d)", selector, skipped)
             chosen.update(hits)
         if not chosen:
-            raise ValueError("include selects no convolution (the predicate returned False for every nn.Conv2d)")
+            raise ValueError("include selects no convolution (the predicate returned False for every convolution)")
         order = list_convs(model, example_input=example_input) if example_input is not None else conv_names
         order += [name for name in conv_names if name not in order]
         selected = [name for name in order if name in chosen]
@@ -201,13 +215,14 @@ def select_convs(model: nn.Module, include: Selector | Sequence[Selector] | None
 
 
 def _layer_class(conv):
+    """A layer class with ``from_conv``, or for a kind name its classes by rank (``{1: CondConv1d, ...}``)."""
     if isinstance(conv, str):
         if conv == "static":
             raise ValueError("conv='static' converts nothing: choose 'condconv', 'dynamic' or 'odconv'")
         if conv not in LAYERS:
             raise ValueError(f"conv must be one of {tuple(LAYERS)} (or a layer class with from_conv), "
                              f"got {conv!r}")
-        return LAYERS[conv]
+        return {rank: layers[conv] for rank, layers in LAYERS_BY_RANK.items()}
     if isinstance(conv, type) and callable(getattr(conv, "from_conv", None)):
         return conv
     raise TypeError(f"conv must be one of {tuple(LAYERS)} or a layer class with a from_conv classmethod, "
@@ -227,7 +242,8 @@ def convert(
     example_input=None,
     **layer_kwargs,
 ) -> tuple[nn.Module, list[str]]:
-    """Replace selected ``nn.Conv2d`` layers of ``model`` by dynamic convolutions that compute the same function.
+    """Replace selected ``nn.Conv2d`` (``nn.Conv1d``, ``nn.Conv3d``) layers of ``model`` by dynamic convolutions that
+    compute the same function.
 
     Each selected convolution ``c`` becomes ``Layer.from_conv(c, num_experts=..., perturb=..., generator=...,
     **layer_kwargs)`` on ``c``'s device and dtype and in ``c``'s train/eval mode. Right after conversion the model's
@@ -237,7 +253,8 @@ def convert(
     Args:
         model: any ``nn.Module``; a deep copy is converted unless ``inplace``.
         conv: ``'condconv'`` (:class:`condconv.CondConv2d`, default), ``'dynamic'`` (:class:`condconv.DynamicConv2d`)
-            or ``'odconv'`` (:class:`condconv.ODConv2d`), or any layer class with a ``from_conv`` classmethod.
+            or ``'odconv'`` (:class:`condconv.ODConv2d`) — their 1-D / 3-D classes for ``nn.Conv1d`` / ``nn.Conv3d``
+            layers — or any layer class with a ``from_conv`` classmethod.
         num_experts: experts per converted layer; ``None`` takes the layer's default (8, 4, 4).
         include: which convolutions to convert. ``None`` (default): the last third (rounded up) of the model's
             convolutions, in registration order or, with ``example_input``, execution order. A string is an
@@ -262,9 +279,9 @@ def convert(
 
     Raises:
         ValueError: unknown ``conv``, bad ``num_experts``/``perturb``/``seed``, ``routing='external'``, an
-            ``include`` pattern matching no module, an empty selection, a model without ``nn.Conv2d``.
+            ``include`` pattern matching no module, an empty selection, a model without ``nn.Conv1d/2d/3d``.
         TypeError: an ``include`` pattern matching only non-convertible modules (``Linear``, already dynamic layers,
-            ``Conv2d`` subclasses that override ``forward``), a ``conv`` that is neither a name nor a layer class.
+            ``ConvNd`` subclasses that override ``forward``), a ``conv`` that is neither a name nor a layer class.
 
     Example:
         >>> net, names = condconv.convert(resnet, "condconv", num_experts=4, include="layer4.*", perturb=0.01, seed=0)
@@ -288,7 +305,8 @@ def convert(
 
 def _replace(model: nn.Module, layer_cls, names: list[str], num_experts: int | None, perturb: float,
              seed: int | None, inplace: bool, layer_kwargs: dict, *, verbose: bool) -> tuple[nn.Module, list[str]]:
-    """Replace the convolutions ``names`` (already validated) by ``layer_cls.from_conv``."""
+    """Replace the convolutions ``names`` (already validated) by ``layer_cls.from_conv`` (``layer_cls``: a class, or
+    classes by spatial rank)."""
     if not inplace:
         model = copy.deepcopy(model)
     extra = dict(layer_kwargs)
@@ -300,6 +318,7 @@ def _replace(model: nn.Module, layer_cls, names: list[str], num_experts: int | N
             paths.setdefault(id(module), []).append(name)
     total = len(paths)
     converted: list[str] = []
+    made: set[str] = set()
     count = 0
     with torch.random.fork_rng(devices=[]):  # with a seed, the routers' initialisation is reproducible too
         if seed is not None:
@@ -309,7 +328,9 @@ def _replace(model: nn.Module, layer_cls, names: list[str], num_experts: int | N
             if name in converted:  # another name of a shared convolution, already replaced
                 continue
             old = model.get_submodule(name)
-            new = layer_cls.from_conv(old, perturb=float(perturb), generator=generator, **extra)
+            cls = layer_cls[_rank(old)] if isinstance(layer_cls, dict) else layer_cls
+            made.add(cls.__name__)
+            new = cls.from_conv(old, perturb=float(perturb), generator=generator, **extra)
             new.to(device=old.weight.device, dtype=old.weight.dtype)
             new.train(old.training)
             count += 1
@@ -318,12 +339,12 @@ def _replace(model: nn.Module, layer_cls, names: list[str], num_experts: int | N
                 setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
                 converted.append(path)
                 if path != name:
-                    logger.info("%s shares its Conv2d with %s: converted too", path, name)
+                    logger.info("%s shares its convolution with %s: converted too", path, name)
     if verbose and perturb == 0 and num_experts != 1:
         logger.info("perturb=0: the experts of each converted layer start identical and get identical gradients; "
                     "pass perturb>0 (e.g. 0.01) to let them diverge in fine-tuning")
-    logger.log(logging.INFO if verbose else logging.DEBUG, "converted %d of %d Conv2d layers to %s", count, total,
-               layer_cls.__name__)
+    logger.log(logging.INFO if verbose else logging.DEBUG, "converted %d of %d convolutions to %s", count, total,
+               ", ".join(sorted(made)) or "nothing")
     return model, converted
 
 
@@ -356,7 +377,8 @@ def apply_conversion(model: nn.Module, specs) -> nn.Module:
         available = set(list_convs(model))
         missing = [name for name in spec["layers"] if name not in available]
         if missing:
-            raise ValueError(f"conversion record {i}: the model has no nn.Conv2d named {missing[:5]}")
+            raise ValueError(f"conversion record {i}: the model has no nn.Conv2d named {missing[:5]} (nor "
+                             "nn.Conv1d, nn.Conv3d)")
         _replace(model, _layer_class(spec["conv"]), list(spec["layers"]), spec.get("num_experts"), 0.0, None, True,
                  dict(spec.get("layer_kwargs") or {}), verbose=False)
     return model

@@ -33,6 +33,11 @@ Several mathematically identical strategies compute it; which one is fastest dep
 
 The choice can be forced per call (``strategy=``), per layer (the layers' ``strategy`` attribute) or globally
 (:func:`use_strategy`, :func:`set_default_strategy`).
+
+Every strategy but ``triton`` is rank-generic: one code path serves 1-D, 2-D and 3-D convolutions (the rank is read
+from the expert bank, ``weight.dim() - 3``). :func:`dynamic_conv` is the rank-generic entry point;
+:func:`dynamic_conv1d`, :func:`dynamic_conv2d` and :func:`dynamic_conv3d` are it with the rank checked. ``triton``
+is 2-D only and raises ``ValueError`` for other ranks.
 """
 
 from __future__ import annotations
@@ -49,13 +54,17 @@ from torch import Tensor
 from condconv.nn.ops import cpu_tiled, decomposed
 from condconv.nn.ops.context import autocast_dtype, autocast_on, is_exporting, is_tracing, needs_grad, tracing_kind
 from condconv.nn.ops.cpu_tiled import clear_workspace
-from condconv.nn.ops.decomposed import mix_kernels
+from condconv.nn.ops.decomposed import CONV_FUNCTIONS, mix_kernels
+from condconv.nn.ops.shapes import output_size
 from condconv.utils.checks import positive_int
 
 __all__ = [
     "STRATEGIES",
     "PADDING_MODES",
+    "dynamic_conv",
+    "dynamic_conv1d",
     "dynamic_conv2d",
+    "dynamic_conv3d",
     "mix_kernels",
     "select_strategy",
     "use_strategy",
@@ -118,44 +127,59 @@ def use_strategy(name: str) -> Iterator[None]:
         stack.pop()
 
 
-def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
+#: Names of the spatial axes of a convolution of each rank (for messages).
+SPATIAL_AXES = {1: ("length",), 2: ("height", "width"), 3: ("depth", "height", "width")}
+_TUPLE_NAMES = {1: "a 1-tuple", 2: "a pair", 3: "a triple"}
+
+
+def _ntuple(value: int | Sequence[int], rank: int, name: str) -> tuple[int, ...]:
+    """``value`` as ``rank`` ints: an int is repeated, a sequence must have ``rank`` ints (``TypeError`` otherwise)."""
     if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+        raise TypeError(f"{name} must be an int or {_TUPLE_NAMES[rank]} of ints, got {value!r}")
     if isinstance(value, int):
-        return (value, value)
-    if isinstance(value, Sequence) and len(value) == 2 and all(isinstance(v, int) and not isinstance(v, bool)
-                                                                for v in value):
-        return (int(value[0]), int(value[1]))
-    raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+        return (value,) * rank
+    if isinstance(value, Sequence) and len(value) == rank and all(isinstance(v, int) and not isinstance(v, bool)
+                                                                   for v in value):
+        return tuple(int(v) for v in value)
+    raise TypeError(f"{name} must be an int or {_TUPLE_NAMES[rank]} of ints, got {value!r}")
+
+
+def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
+    return _ntuple(value, 2, name)  # type: ignore[return-value]
 
 
 def resolve_padding(
     padding: int | Sequence[int] | str,
     kernel_size: Sequence[int],
-    stride: Sequence[int] = (1, 1),
-    dilation: Sequence[int] = (1, 1),
-) -> tuple[int, int, int, int]:
-    """Padding as ``(left, right, top, bottom)``, the order :func:`torch.nn.functional.pad` takes.
+    stride: Sequence[int] | None = None,
+    dilation: Sequence[int] | None = None,
+) -> tuple[int, ...]:
+    """Padding in the order :func:`torch.nn.functional.pad` takes: last axis first, ``(before, after)`` per axis;
+    in 2-D ``(left, right, top, bottom)``.
 
-    Accepts what :class:`torch.nn.Conv2d` accepts: an int, a pair ``(h, w)``, ``'valid'`` or ``'same'``
-    (stride 1 only; asymmetric for even effective kernels, the extra row/column going right/bottom).
+    Accepts what :class:`torch.nn.Conv1d` / ``Conv2d`` / ``Conv3d`` accept (the rank is ``len(kernel_size)``): an
+    int, one int per spatial axis, ``'valid'`` or ``'same'`` (stride 1 only; asymmetric for even effective kernels,
+    the extra element going after). ``stride`` and ``dilation`` default to 1 on every axis.
     """
+    rank = len(kernel_size)
+    stride = (1,) * rank if stride is None else tuple(stride)
+    dilation = (1,) * rank if dilation is None else tuple(dilation)
     if isinstance(padding, str):
         if padding == "valid":
-            return (0, 0, 0, 0)
+            return (0,) * (2 * rank)
         if padding == "same":
-            if tuple(stride) != (1, 1):
-                raise ValueError(f"padding='same' requires stride 1, got stride={tuple(stride)}")
+            if stride != (1,) * rank:
+                raise ValueError(f"padding='same' requires stride 1, got stride={stride}")
             pads = []
             for k, d in zip(reversed(kernel_size), reversed(dilation)):
                 total = d * (k - 1)
                 pads += [total // 2, total - total // 2]
-            return tuple(pads)  # type: ignore[return-value]
-        raise ValueError(f"padding must be an int, a pair of ints, 'same' or 'valid', got {padding!r}")
-    ph, pw = _pair(padding, "padding")
-    if ph < 0 or pw < 0:
+            return tuple(pads)
+        raise ValueError(f"padding must be an int, {_TUPLE_NAMES[rank]} of ints, 'same' or 'valid', got {padding!r}")
+    per_axis = _ntuple(padding, rank, "padding")
+    if min(per_axis) < 0:
         raise ValueError(f"padding must be non-negative, got {padding!r}")
-    return (pw, pw, ph, ph)
+    return tuple(p for p in reversed(per_axis) for _ in range(2))
 
 
 def conv_output_size(size: int, kernel: int, stride: int, dilation: int, pad_before: int, pad_after: int) -> int:
@@ -200,8 +224,7 @@ def select_strategy(
 
     ``num_experts`` and ``out_hw`` are accepted so that measured tables can refine the rule without an API change.
     """
-    kh, kw = kernel_size
-    pointwise = kh == 1 and kw == 1
+    pointwise = all(k == 1 for k in kernel_size)  # any rank: the rules do not depend on it
     kind = "compile" if tracing is True else (tracing or None)
     if kind == "export":
         return "bmm" if (pointwise and groups == 1) or not decomposed.SCAN_TRACEABLE else "scan"
@@ -221,28 +244,46 @@ def select_strategy(
 
 
 class _Call(NamedTuple):
-    """A validated call: shapes and the convolution geometry (padding as ``(left, right, top, bottom)``)."""
+    """A validated call: shapes and the convolution geometry, one entry per spatial axis (``pads`` in
+    :func:`torch.nn.functional.pad`'s order, e.g. ``(left, right, top, bottom)``; ``out_hw`` the output's spatial
+    size, ``(H_out, W_out)`` in 2-D)."""
 
     batch: int
     in_channels: int
     out_channels: int
     num_experts: int
-    kernel_size: tuple[int, int]
-    stride: tuple[int, int]
-    dilation: tuple[int, int]
-    pads: tuple[int, int, int, int]
-    out_hw: tuple[int, int]
+    kernel_size: tuple[int, ...]
+    stride: tuple[int, ...]
+    dilation: tuple[int, ...]
+    pads: tuple[int, ...]
+    out_hw: tuple[int, ...]
+
+    @property
+    def rank(self) -> int:
+        """Spatial dimensions of the convolution (1, 2 or 3)."""
+        return len(self.kernel_size)
 
 
-def _check_tensors(x, weight, routing, bias, spatial) -> None:
+_KERNEL_AXES = {1: "k", 2: "kh, kw", 3: "kd, kh, kw"}
+
+
+def _weight_layout(rank: int) -> str:
+    return f"{rank + 3}-D (num_experts, out_channels, in_channels // groups, {_KERNEL_AXES[rank]})"
+
+
+def _check_tensors(x, weight, routing, bias, spatial, rank: int | None = None) -> None:
     for name, value in (("x", x), ("weight", weight), ("routing", routing), ("bias", bias), ("spatial", spatial)):
         if not isinstance(value, Tensor) and (value is not None or name in ("x", "weight", "routing")):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-    if weight.dim() != 5:
-        raise ValueError(f"weight must be 5-D (num_experts, out_channels, in_channels // groups, kh, kw), "
-                         f"got shape {tuple(weight.shape)}")
-    if x.dim() != 4:
-        raise ValueError(f"input must be 4-D (batch, channels, height, width), got shape {tuple(x.shape)}")
+    if rank is not None and weight.dim() != rank + 3:
+        raise ValueError(f"weight must be {_weight_layout(rank)}, got shape {tuple(weight.shape)}")
+    if weight.dim() not in (4, 5, 6):
+        raise ValueError(f"weight must be 4-D, 5-D or 6-D (num_experts, out_channels, in_channels // groups, "
+                         f"*kernel_size) for a 1-D, 2-D or 3-D convolution, got shape {tuple(weight.shape)}")
+    rank = weight.dim() - 3
+    if x.dim() != rank + 2:
+        raise ValueError(f"input must be {rank + 2}-D (batch, channels, {', '.join(SPATIAL_AXES[rank])}) for a "
+                         f"{weight.dim()}-D weight, got shape {tuple(x.shape)}")
 
 
 def _check_scales(in_scale: Tensor | None, out_scale: Tensor | None, batch: int, in_channels: int,
@@ -258,14 +299,18 @@ def _check_scales(in_scale: Tensor | None, out_scale: Tensor | None, batch: int,
 
 
 def _validate(x: Tensor, weight: Tensor, routing: Tensor, bias: Tensor | None, stride, padding, dilation,
-              groups: int, padding_mode: str, spatial: Tensor | None) -> _Call:
-    """Check a call's arguments (``ValueError``/``TypeError`` naming the argument) and work out its geometry."""
-    _check_tensors(x, weight, routing, bias, spatial)
-    experts, out_channels, in_per_group, kh, kw = weight.shape
+              groups: int, padding_mode: str, spatial: Tensor | None, rank: int | None = None) -> _Call:
+    """Check a call's arguments (``ValueError``/``TypeError`` naming the argument) and work out its geometry.
+
+    ``rank``: the spatial rank the caller requires (``None``: the expert bank's, ``weight.dim() - 3``)."""
+    _check_tensors(x, weight, routing, bias, spatial, rank)
+    experts, out_channels, in_per_group, *kernel = weight.shape
+    kernel = tuple(kernel)
+    rank = len(kernel)
     positive_int(groups, "groups")
     if out_channels % groups:
         raise ValueError(f"weight's out_channels ({out_channels}) must be divisible by groups ({groups})")
-    batch, in_channels, height, width = x.shape
+    batch, in_channels, *size = x.shape
     if in_channels != in_per_group * groups:
         raise ValueError(f"input has {in_channels} channels, expected {in_per_group * groups} "
                          f"(weight's in_channels // groups = {in_per_group}, groups = {groups})")
@@ -275,22 +320,24 @@ def _validate(x: Tensor, weight: Tensor, routing: Tensor, bias: Tensor | None, s
     if bias is not None and tuple(bias.shape) != (experts, out_channels):
         raise ValueError(f"bias must have shape (num_experts, out_channels) = ({experts}, {out_channels}), "
                          f"got {tuple(bias.shape)}")
-    if spatial is not None and tuple(spatial.shape) != (batch, kh, kw):
-        raise ValueError(f"spatial must have shape (batch, kh, kw) = ({batch}, {kh}, {kw}), "
+    if spatial is not None and tuple(spatial.shape) != (batch, *kernel):
+        raise ValueError(f"spatial must have shape (batch, {_KERNEL_AXES[rank]}) = {(batch, *kernel)}, "
                          f"got {tuple(spatial.shape)}")
     if padding_mode not in PADDING_MODES:
         raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
-    stride_ = _pair(stride, "stride")
-    dilation_ = _pair(dilation, "dilation")
+    stride_ = _ntuple(stride, rank, "stride")
+    dilation_ = _ntuple(dilation, rank, "dilation")
     if min(stride_) < 1 or min(dilation_) < 1:
         raise ValueError(f"stride and dilation must be positive, got stride={stride!r}, dilation={dilation!r}")
-    pads = resolve_padding(padding, (kh, kw), stride_, dilation_)
-    out_h = conv_output_size(height, kh, stride_[0], dilation_[0], pads[2], pads[3])
-    out_w = conv_output_size(width, kw, stride_[1], dilation_[1], pads[0], pads[1])
-    if out_h < 1 or out_w < 1:
-        raise ValueError(f"input of size {height}x{width} is too small for a {kh}x{kw} kernel "
-                         f"(dilation {dilation_}, padding {pads}): output would be {out_h}x{out_w}")
-    return _Call(batch, in_channels, out_channels, experts, (kh, kw), stride_, dilation_, pads, (out_h, out_w))
+    pads = resolve_padding(padding, kernel, stride_, dilation_)
+    out = output_size(size, kernel, stride_, pads, dilation_)
+    if min(out) < 1:
+        def shape(values) -> str:
+            return "x".join(str(v) for v in values)
+
+        raise ValueError(f"input of size {shape(size)} is too small for a {shape(kernel)} kernel "
+                         f"(dilation {dilation_}, padding {pads}): output would be {shape(out)}")
+    return _Call(batch, in_channels, out_channels, experts, kernel, stride_, dilation_, pads, out)
 
 
 def dynamic_conv2d(
@@ -330,17 +377,92 @@ def dynamic_conv2d(
 
     Returns:
         ``(B, C_out, H_out, W_out)``.
+
+    :func:`dynamic_conv` is the same for any rank; :func:`dynamic_conv1d` and :func:`dynamic_conv3d` take 1-D and
+    3-D convolutions.
     """
+    return _checked_call(2, x, weight, routing, bias, stride, padding, dilation, groups, padding_mode, spatial,
+                         in_scale, out_scale, strategy)
+
+
+def dynamic_conv(
+    x: Tensor,
+    weight: Tensor,
+    routing: Tensor,
+    bias: Tensor | None = None,
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] | str = 0,
+    dilation: int | Sequence[int] = 1,
+    groups: int = 1,
+    padding_mode: str = "zeros",
+    *,
+    spatial: Tensor | None = None,
+    in_scale: Tensor | None = None,
+    out_scale: Tensor | None = None,
+    strategy: str = "auto",
+) -> Tensor:
+    """:func:`dynamic_conv2d` for a convolution of any rank, read from the expert bank: 1-D, 2-D or 3-D.
+
+    Args:
+        x: input ``(B, C_in, *spatial_size)`` with 1, 2 or 3 spatial axes.
+        weight: expert kernels ``(E, C_out, C_in // groups, *kernel_size)``, one kernel axis per spatial axis.
+        routing: mixing weights ``(B, E)``.
+        bias: optional per-expert bias ``(E, C_out)``.
+        stride, padding, dilation, groups, padding_mode: as in :class:`torch.nn.Conv1d` / ``Conv2d`` / ``Conv3d``
+            (an int, or one int per spatial axis).
+        spatial: optional ``(B, *kernel_size)`` per-example multiplier of the kernel positions.
+        in_scale, out_scale: optional ``(B, C_in)`` / ``(B, C_out)`` per-example channel scales.
+        strategy: one of :data:`STRATEGIES`; ``'triton'`` is 2-D only (``ValueError`` for other ranks).
+
+    Returns:
+        ``(B, C_out, *out_size)``.
+    """
+    return _checked_call(None, x, weight, routing, bias, stride, padding, dilation, groups, padding_mode, spatial,
+                         in_scale, out_scale, strategy)
+
+
+def _checked_call(rank: int | None, x: Tensor, weight: Tensor, routing: Tensor, bias: Tensor | None, stride, padding,
+                  dilation, groups: int, padding_mode: str, spatial: Tensor | None, in_scale: Tensor | None,
+                  out_scale: Tensor | None, strategy: str) -> Tensor:
+    """Validate (requiring spatial rank ``rank`` unless None) and run one dynamic convolution."""
     _check_strategy(strategy)
-    call = _validate(x, weight, routing, bias, stride, padding, dilation, groups, padding_mode, spatial)
+    call = _validate(x, weight, routing, bias, stride, padding, dilation, groups, padding_mode, spatial, rank)
     _check_scales(in_scale, out_scale, call.batch, call.in_channels, call.out_channels)
     return _run_validated(x, weight, routing, bias, groups, padding_mode, spatial, strategy, call, in_scale, out_scale)
+
+
+def dynamic_conv1d(x: Tensor, weight: Tensor, routing: Tensor, bias: Tensor | None = None,
+                   stride: int | Sequence[int] = 1, padding: int | Sequence[int] | str = 0,
+                   dilation: int | Sequence[int] = 1, groups: int = 1, padding_mode: str = "zeros", *,
+                   spatial: Tensor | None = None, in_scale: Tensor | None = None, out_scale: Tensor | None = None,
+                   strategy: str = "auto") -> Tensor:
+    """:func:`dynamic_conv2d` in 1-D: ``x (B, C_in, L)``, ``weight (E, C_out, C_in // groups, k)``, ``spatial
+    (B, k)``, the semantics of :func:`torch.nn.functional.conv1d` -> ``(B, C_out, L_out)``."""
+    return _checked_call(1, x, weight, routing, bias, stride, padding, dilation, groups, padding_mode, spatial,
+                         in_scale, out_scale, strategy)
+
+
+def dynamic_conv3d(x: Tensor, weight: Tensor, routing: Tensor, bias: Tensor | None = None,
+                   stride: int | Sequence[int] = 1, padding: int | Sequence[int] | str = 0,
+                   dilation: int | Sequence[int] = 1, groups: int = 1, padding_mode: str = "zeros", *,
+                   spatial: Tensor | None = None, in_scale: Tensor | None = None, out_scale: Tensor | None = None,
+                   strategy: str = "auto") -> Tensor:
+    """:func:`dynamic_conv2d` in 3-D: ``x (B, C_in, D, H, W)``, ``weight (E, C_out, C_in // groups, kd, kh, kw)``,
+    ``spatial (B, kd, kh, kw)``, the semantics of :func:`torch.nn.functional.conv3d` -> ``(B, C_out, D_out, H_out,
+    W_out)``."""
+    return _checked_call(3, x, weight, routing, bias, stride, padding, dilation, groups, padding_mode, spatial,
+                         in_scale, out_scale, strategy)
+
+
+def _per_channel(scale: Tensor, rank: int) -> Tensor:
+    """``(B, C)`` -> ``(B, C, 1, ...)``, broadcasting over ``rank`` spatial axes."""
+    return scale.reshape(*scale.shape, *(1,) * rank)
 
 
 def _run_validated(x: Tensor, weight: Tensor, routing: Tensor, bias: Tensor | None, groups: int, padding_mode: str,
                    spatial: Tensor | None, strategy: str, call: _Call, in_scale: Tensor | None = None,
                    out_scale: Tensor | None = None) -> Tensor:
-    """:func:`dynamic_conv2d` after :func:`_validate` (the layers call it with a validation cached per input shape)."""
+    """:func:`dynamic_conv` after :func:`_validate` (the layers call it with a validation cached per input shape)."""
     kind = tracing_kind()
     autocast = autocast_on(x.device.type)
     if routing.dtype != weight.dtype and not autocast:  # the kernels are mixed in the experts' dtype
@@ -367,19 +489,22 @@ def _run_validated(x: Tensor, weight: Tensor, routing: Tensor, bias: Tensor | No
         raise ValueError("strategy='scan' cannot be traced by torch.jit (the loop would fix the batch size): use "
                          "torch.export or the dynamo-based ONNX exporter, or another strategy")
     if chosen == "triton":
+        if call.rank != 2:
+            raise ValueError(f"strategy='triton' supports 2-D convolutions only, got a {call.rank}-D one: use another "
+                             "strategy")
         return _triton(x, weight, routing, bias, spatial, in_scale, out_scale, groups, padding_mode, call)
     if in_scale is not None:
-        x = x * in_scale.to(x.dtype)[:, :, None, None]
+        x = x * _per_channel(in_scale.to(x.dtype), call.rank)
     mixed_bias = None if bias is None else torch.matmul(routing, bias)
     if mixed_bias is not None and out_scale is None and mixed_bias.dtype == x.dtype and not autocast:
         return _execute(chosen, x, weight, routing, spatial, groups, padding_mode, call, mixed_bias)  # bias inside
     out = _execute(chosen, x, weight, routing, spatial, groups, padding_mode, call)
     if out_scale is not None:
-        out = out * out_scale.to(out.dtype)[:, :, None, None]
+        out = out * _per_channel(out_scale.to(out.dtype), call.rank)
     if mixed_bias is not None:
         if mixed_bias.dtype != out.dtype:
             mixed_bias = mixed_bias.to(out.dtype)
-        out = out + mixed_bias.reshape(-1, call.out_channels, 1, 1)
+        out = out + _per_channel(mixed_bias, call.rank)
     return out
 
 
@@ -403,20 +528,21 @@ def _triton(x: Tensor, weight: Tensor, routing: Tensor, bias: Tensor | None, spa
 def _execute(chosen: str, x: Tensor, weight: Tensor, routing: Tensor, spatial: Tensor | None, groups: int,
              padding_mode: str, call: _Call, bias: Tensor | None = None) -> Tensor:
     """Run strategy ``chosen`` (not ``'auto'``); ``bias``: the mixed bias ``(B, C_out)``, added the cheapest way."""
-    pads = call.pads
+    pads, rank = call.pads, call.rank
     # Explicit padding unless it is symmetric zero padding the convolution can do itself.
-    symmetric = pads[0] == pads[1] and pads[2] == pads[3]
-    if padding_mode != "zeros" or not symmetric or (chosen == "bmm" and call.kernel_size == (1, 1)) or \
+    symmetric = all(pads[i] == pads[i + 1] for i in range(0, len(pads), 2))
+    pointwise = all(k == 1 for k in call.kernel_size)
+    if padding_mode != "zeros" or not symmetric or (chosen == "bmm" and pointwise) or \
             (chosen == "experts" and spatial is not None):
         if any(pads):
             x = F.pad(x, pads, mode="constant" if padding_mode == "zeros" else padding_mode)
-        conv_pad = (0, 0)
+        conv_pad = (0,) * rank
     else:
-        conv_pad = (pads[2], pads[0])
+        conv_pad = tuple(pads[2 * (rank - 1 - i)] for i in range(rank))  # (before) per axis, first axis first
     geometry = (call.stride, conv_pad, call.dilation, groups)
     if chosen == "experts":
         out = decomposed.experts(x, weight, routing, spatial, geometry, call.out_hw)
-        return out if bias is None else out + bias.reshape(-1, call.out_channels, 1, 1)
+        return out if bias is None else out + _per_channel(bias, rank)
     if chosen == "bmm":
         if _use_fused(x, weight, routing, spatial):
             return cpu_tiled.fused_bmm(x, weight, routing, spatial, geometry, call.out_hw, bias)
@@ -433,7 +559,8 @@ def _execute(chosen: str, x: Tensor, weight: Tensor, routing: Tensor, spatial: T
         kernel = cpu_tiled.mix_into_workspace(routing, weight, spatial)[0]  # no fresh pages for a big kernel
     else:
         kernel = mix_kernels(routing, weight, spatial)[0]  # single
-    return F.conv2d(x, kernel, None if bias is None else bias[0], call.stride, conv_pad, call.dilation, groups)
+    return CONV_FUNCTIONS[rank](x, kernel, None if bias is None else bias[0], call.stride, conv_pad, call.dilation,
+                                groups)
 
 
 def _use_fused(x: Tensor, weight: Tensor, routing: Tensor, spatial: Tensor | None) -> bool:

@@ -1,4 +1,4 @@
-"""Dynamic convolution layers: thin ``nn.Module`` wrappers around :func:`condconv.nn.functional.dynamic_conv2d`.
+"""Dynamic convolution layers: thin ``nn.Module`` wrappers around :func:`condconv.nn.functional.dynamic_conv`.
 
 - :class:`CondConv2d` — Yang et al., "CondConv: Conditionally Parameterized Convolutions for Efficient Inference",
   NeurIPS 2019, arXiv:1904.04971.
@@ -10,6 +10,12 @@ All three take :class:`torch.nn.Conv2d`'s arguments in the same order, then keyw
 hold their experts in one parameter ``weight`` of shape ``(num_experts, out_channels, in_channels // groups, kh,
 kw)`` (``bias``: ``(num_experts, out_channels)``), each expert initialised like its own ``nn.Conv2d``
 (``init='default'``) or as the paper's code initialises it (``init='official'``, per expert, see each layer).
+
+Each also exists in 1-D and 3-D (:class:`CondConv1d`, :class:`CondConv3d`, :class:`DynamicConv1d`,
+:class:`DynamicConv3d`, :class:`ODConv1d`, :class:`ODConv3d`): :class:`torch.nn.Conv1d`'s / ``Conv3d``'s arguments,
+the same options, routers and state_dict keys, the kernel axes ``(k,)`` / ``(kd, kh, kw)`` in place of ``(kh, kw)``.
+The classes of one kind share their code (``_CondConv``, ``_DynamicConv``, ``_ODConv``), the rank is their
+``spatial_dims``, and the engine runs every rank on one code path.
 """
 
 from __future__ import annotations
@@ -21,12 +27,13 @@ from torch import Tensor, nn
 
 from condconv.nn.functional import (
     PADDING_MODES,
+    SPATIAL_AXES,
     STRATEGIES,
     _Call,
-    _pair,
+    _checked_call,
+    _ntuple,
     _run_validated,
     _validate,
-    dynamic_conv2d,
     get_default_strategy,
     resolve_padding,
 )
@@ -41,12 +48,22 @@ from condconv.nn.routing import (
 )
 from condconv.utils.checks import positive_int as _positive_int
 
-__all__ = ["CondConv2d", "DynamicConv2d", "ODConv2d", "make_conv2d", "DynamicConvBase", "LAYERS", "CONV_KINDS",
-           "DYNAMIC_KINDS"]
+__all__ = ["CondConv1d", "CondConv2d", "CondConv3d", "DynamicConv1d", "DynamicConv2d", "DynamicConv3d", "ODConv1d",
+           "ODConv2d", "ODConv3d", "make_conv2d", "DynamicConvBase", "LAYERS", "LAYERS_BY_RANK", "TORCH_CONVS",
+           "CONV_KINDS", "DYNAMIC_KINDS", "spatial_ranks"]
+
+#: The static convolution of each spatial rank, the one a dynamic layer of that rank replaces.
+TORCH_CONVS: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
 
 class DynamicConvBase(nn.Module):
-    """Shared configuration, parameters, validation and execution of the dynamic convolution layers."""
+    """Shared configuration, parameters, validation and execution of the dynamic convolution layers.
+
+    ``spatial_dims`` (a class attribute, 2 unless a subclass says otherwise) is the convolution's rank: the kernel,
+    stride, padding and dilation have one entry per spatial axis, the input is ``(B, C_in, *spatial_size)``.
+    """
+
+    spatial_dims: int = 2
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *,
@@ -61,16 +78,17 @@ class DynamicConvBase(nn.Module):
             raise ValueError(f"in_channels ({in_channels}) must be divisible by groups ({groups})")
         if out_channels % groups:
             raise ValueError(f"out_channels ({out_channels}) must be divisible by groups ({groups})")
-        self.kernel_size = _pair(kernel_size, "kernel_size")
-        self.stride = _pair(stride, "stride")
-        self.dilation = _pair(dilation, "dilation")
+        rank = self.spatial_dims
+        self.kernel_size = _ntuple(kernel_size, rank, "kernel_size")
+        self.stride = _ntuple(stride, rank, "stride")
+        self.dilation = _ntuple(dilation, rank, "dilation")
         for name, value in (("kernel_size", self.kernel_size), ("stride", self.stride), ("dilation", self.dilation)):
             if min(value) < 1:
                 raise ValueError(f"{name} must be positive, got {value}")
         if padding_mode not in PADDING_MODES:
             raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
         resolve_padding(padding, self.kernel_size, self.stride, self.dilation)  # validates
-        self.padding = padding if isinstance(padding, str) else _pair(padding, "padding")
+        self.padding = padding if isinstance(padding, str) else _ntuple(padding, rank, "padding")
         self.padding_mode = padding_mode
         if strategy is not None and strategy not in STRATEGIES:
             raise ValueError(f"strategy must be None or one of {STRATEGIES}, got {strategy!r}")
@@ -82,14 +100,15 @@ class DynamicConvBase(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Initialise the experts: ``init='default'``: each exactly as ``nn.Conv2d`` initialises its kernel (fan-in of
-        one expert); ``init='official'``: each from ``N(0, official_std())``, biases zero."""
+        """Initialise the experts: ``init='default'``: each exactly as ``nn.Conv2d`` (``Conv1d``, ``Conv3d``)
+        initialises its kernel (fan-in of one expert); ``init='official'``: each from ``N(0, official_std())``, biases
+        zero."""
         if self.init == "official":
             nn.init.normal_(self.weight, 0.0, self.official_std())
             if self.bias is not None:
                 nn.init.zeros_(self.bias)
             return
-        fan_in = self.weight.shape[2] * self.weight.shape[3] * self.weight.shape[4]
+        fan_in = math.prod(self.weight.shape[2:])
         for expert in range(self.num_experts):
             nn.init.kaiming_uniform_(self.weight[expert], a=math.sqrt(5))
         if self.bias is not None:
@@ -99,14 +118,18 @@ class DynamicConvBase(nn.Module):
     def official_std(self) -> float:
         """Standard deviation of one expert under ``init='official'``: He normal with the fan-out of one expert,
         ``sqrt(2 / (out_channels * kh * kw))``, as ``torch.nn.init.kaiming_normal_(weight[i], mode='fan_out')``
-        computes it per expert in the ODConv code (groups do not reduce PyTorch's fan-out)."""
-        return math.sqrt(2.0 / (self.out_channels * self.kernel_size[0] * self.kernel_size[1]))
+        computes it per expert in the ODConv code (groups do not reduce PyTorch's fan-out); in any rank the product of
+        the kernel's axes."""
+        return math.sqrt(2.0 / (self.out_channels * math.prod(self.kernel_size)))
 
     def _apply(self, fn, recurse=True):
         # ``model.to(memory_format=torch.channels_last)`` converts 4-D and 5-D tensors, and channels_last rejects
-        # 5-D ones: convert the expert bank as its 4-D view (experts * out_channels, in, kh, kw), keep it dense.
+        # 5-D ones: convert the expert bank as its view (experts * out_channels, in, *kernel_size), keep it dense
+        # (in every rank: a 1-D layer's 4-D bank is not an image batch either).
+        bank = self.spatial_dims + 3
+
         def convert(t: Tensor) -> Tensor:
-            if t.dim() != 5:
+            if t.dim() != bank:
                 return fn(t)
             return fn(t.flatten(0, 1)).reshape(t.shape).contiguous()
 
@@ -115,8 +138,9 @@ class DynamicConvBase(nn.Module):
     def _check_input(self, x: Tensor) -> None:
         if not isinstance(x, Tensor):
             raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 4:
-            raise ValueError(f"{type(self).__name__} expects a 4-D input (batch, {self.in_channels}, height, width), "
+        if x.dim() != self.spatial_dims + 2:
+            raise ValueError(f"{type(self).__name__} expects a {self.spatial_dims + 2}-D input (batch, "
+                             f"{self.in_channels}, {', '.join(SPATIAL_AXES[self.spatial_dims])}), "
                              f"got shape {tuple(x.shape)}")
         if x.shape[1] != self.in_channels:
             raise ValueError(f"{type(self).__name__} expects {self.in_channels} input channels, got {x.shape[1]} "
@@ -131,7 +155,7 @@ class DynamicConvBase(nn.Module):
 
         The engine's validation costs more than the convolution itself at batch 1, so in eager mode it runs on the
         first call for each input signature and is reused; while tracing (export, compile) nothing is cached and
-        ``None`` sends the call through :func:`condconv.dynamic_conv2d`'s full checks.
+        ``None`` sends the call through :func:`condconv.dynamic_conv`'s full checks.
         """
         if tracing_kind() is not None or not isinstance(x, Tensor):
             self._check_input(x)
@@ -144,9 +168,9 @@ class DynamicConvBase(nn.Module):
         call = plans.get(key)
         if call is None:
             self._check_input(x)
-            batch, kh, kw = x.shape[0], *self.kernel_size
+            batch = x.shape[0]
             routing = x.new_empty((batch, self.num_experts), dtype=self.weight.dtype)
-            placeholder = x.new_empty((batch, kh, kw), dtype=self.weight.dtype) if spatial else None
+            placeholder = x.new_empty((batch, *self.kernel_size), dtype=self.weight.dtype) if spatial else None
             call = _validate(x, self.weight, routing, self.bias, self.stride, self.padding, self.dilation,
                              self.groups, self.padding_mode, placeholder)
             if len(plans) >= 16:
@@ -168,9 +192,8 @@ class DynamicConvBase(nn.Module):
         if call is not None:
             return _run_validated(x, self.weight, routing, bias, self.groups, self.padding_mode, spatial, strategy,
                                   call, in_scale, out_scale)
-        return dynamic_conv2d(x, self.weight, routing, bias, self.stride, self.padding, self.dilation, self.groups,
-                              self.padding_mode, spatial=spatial, in_scale=in_scale, out_scale=out_scale,
-                              strategy=strategy)
+        return _checked_call(self.spatial_dims, x, self.weight, routing, bias, self.stride, self.padding,
+                             self.dilation, self.groups, self.padding_mode, spatial, in_scale, out_scale, strategy)
 
     def _load_static(self, conv: nn.Conv2d, gain: float, perturb: float, generator: torch.Generator | None) -> None:
         """Fill every expert with ``conv``'s kernel divided by ``gain`` (the zeroed router's total weight).
@@ -195,10 +218,11 @@ class DynamicConvBase(nn.Module):
                     b = conv.bias.detach().to(self.bias.dtype)
                     self.bias.copy_((b / gain).unsqueeze(0).expand_as(self.bias))
 
-    @staticmethod
-    def _conv_args(conv: nn.Conv2d) -> dict:
-        if not isinstance(conv, nn.Conv2d):
-            raise TypeError(f"conv must be a torch.nn.Conv2d, got {type(conv).__name__}")
+    @classmethod
+    def _conv_args(cls, conv: nn.Module) -> dict:
+        expected = TORCH_CONVS[cls.spatial_dims]
+        if not isinstance(conv, expected):
+            raise TypeError(f"conv must be a torch.nn.{expected.__name__}, got {type(conv).__name__}")
         return {
             "in_channels": conv.in_channels, "out_channels": conv.out_channels, "kernel_size": conv.kernel_size,
             "stride": conv.stride, "padding": conv.padding, "dilation": conv.dilation, "groups": conv.groups,
@@ -209,9 +233,9 @@ class DynamicConvBase(nn.Module):
     def extra_repr(self) -> str:
         s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
              f"num_experts={self.num_experts}")
-        if self.padding not in ((0, 0), "valid"):
+        if self.padding not in ((0,) * self.spatial_dims, "valid"):
             s += f", padding={self.padding}"
-        if self.dilation != (1, 1):
+        if self.dilation != (1,) * self.spatial_dims:
             s += f", dilation={self.dilation}"
         if self.groups != 1:
             s += f", groups={self.groups}"
@@ -224,7 +248,66 @@ class DynamicConvBase(nn.Module):
         return s
 
 
-class CondConv2d(DynamicConvBase):
+class _CondConv(DynamicConvBase):
+    """CondConv in any rank: the code of :class:`CondConv1d`, :class:`CondConv2d` and :class:`CondConv3d`."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *,
+                 num_experts: int = 8, routing: str = "sigmoid", temperature: float = 1.0,
+                 routing_dropout: float = 0.0, strategy: str | None = None, init: str = "default") -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                         padding_mode, device, dtype, num_experts=num_experts, strategy=strategy, init=init)
+        factory = {"device": device, "dtype": dtype}
+        _check_temperature(temperature)  # validated whatever the routing, so a bad value never passes silently
+        _check_dropout(routing_dropout)
+        if routing == "sigmoid":
+            self.router = SigmoidRouter(in_channels, num_experts, routing_dropout, init=init, **factory)
+        elif routing == "softmax":
+            self.router = SoftmaxRouter(in_channels, num_experts, temperature=temperature, dropout=routing_dropout,
+                                        init=init, **factory)
+        elif routing == "external":
+            self.router = None
+        else:
+            raise ValueError(f"routing must be 'sigmoid', 'softmax' or 'external', got {routing!r}")
+        self.routing = routing
+
+    def official_std(self) -> float:
+        """``sqrt(2 / (kh * kw * out_channels / groups))``: TensorFlow's fan-out (see ``init`` of
+        :class:`CondConv2d`; in any rank the product of the kernel's axes)."""
+        return math.sqrt(2.0 * self.groups / (self.out_channels * math.prod(self.kernel_size)))
+
+    def forward(self, x: Tensor, routing_weights: Tensor | None = None) -> Tensor:
+        call = self._plan(x)
+        if routing_weights is None:
+            if self.router is None:
+                raise ValueError(f"this {type(self).__name__} has routing='external': pass routing_weights of shape "
+                                 f"(batch, {self.num_experts}) to forward()")
+            routing_weights = self.router(x)
+        else:
+            self._check_routing(routing_weights, x.shape[0])
+        return self._run(x, routing_weights, self.bias, call=call)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Module, *, num_experts: int = 8, perturb: float = 0.0,
+                  generator: torch.Generator | None = None, **kwargs) -> _CondConv:
+        """A CondConv layer computing exactly what ``conv`` computes, until training changes it.
+
+        The router's output layer is zeroed (routing is a constant 0.5, or ``1/E`` for softmax) and each expert is
+        set to ``conv.weight`` divided by the routing's sum; ``perturb`` adds zero-mean noise across experts
+        (relative to the kernel's std) so experts can diverge in fine-tuning without changing the output now.
+        With ``routing='external'`` the experts are scaled for routing weights that sum to 1. ``conv``: the
+        ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d`` of the class's rank.
+        """
+        layer = cls(**cls._conv_args(conv), num_experts=num_experts, **kwargs)
+        gain = 1.0 if layer.router is None else layer.router.zero_().constant_sum()
+        layer._load_static(conv, gain, perturb, generator)
+        return layer
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ("" if self.routing == "sigmoid" else f", routing={self.routing!r}")
+
+
+class CondConv2d(_CondConv):
     """Conditionally parameterized convolution: ``conv(x, sum_i r_i(x) W_i)`` with ``r = sigmoid(GAP(x) R)``.
 
     Args:
@@ -250,78 +333,33 @@ class CondConv2d(DynamicConvBase):
         -> ``(B, C_out, H_out, W_out)``.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
-                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *,
-                 num_experts: int = 8, routing: str = "sigmoid", temperature: float = 1.0,
-                 routing_dropout: float = 0.0, strategy: str | None = None, init: str = "default") -> None:
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
-                         padding_mode, device, dtype, num_experts=num_experts, strategy=strategy, init=init)
-        factory = {"device": device, "dtype": dtype}
-        _check_temperature(temperature)  # validated whatever the routing, so a bad value never passes silently
-        _check_dropout(routing_dropout)
-        if routing == "sigmoid":
-            self.router = SigmoidRouter(in_channels, num_experts, routing_dropout, init=init, **factory)
-        elif routing == "softmax":
-            self.router = SoftmaxRouter(in_channels, num_experts, temperature=temperature, dropout=routing_dropout,
-                                        init=init, **factory)
-        elif routing == "external":
-            self.router = None
-        else:
-            raise ValueError(f"routing must be 'sigmoid', 'softmax' or 'external', got {routing!r}")
-        self.routing = routing
-
-    def official_std(self) -> float:
-        """``sqrt(2 / (kh * kw * out_channels / groups))``: TensorFlow's fan-out (see ``init`` above)."""
-        return math.sqrt(2.0 * self.groups / (self.out_channels * self.kernel_size[0] * self.kernel_size[1]))
-
-    def forward(self, x: Tensor, routing_weights: Tensor | None = None) -> Tensor:
-        call = self._plan(x)
-        if routing_weights is None:
-            if self.router is None:
-                raise ValueError("this CondConv2d has routing='external': pass routing_weights of shape "
-                                 f"(batch, {self.num_experts}) to forward()")
-            routing_weights = self.router(x)
-        else:
-            self._check_routing(routing_weights, x.shape[0])
-        return self._run(x, routing_weights, self.bias, call=call)
-
-    @classmethod
-    def from_conv(cls, conv: nn.Conv2d, *, num_experts: int = 8, perturb: float = 0.0,
-                  generator: torch.Generator | None = None, **kwargs) -> CondConv2d:
-        """A CondConv2d computing exactly what ``conv`` computes, until training changes it.
-
-        The router's output layer is zeroed (routing is a constant 0.5, or ``1/E`` for softmax) and each expert is
-        set to ``conv.weight`` divided by the routing's sum; ``perturb`` adds zero-mean noise across experts
-        (relative to the kernel's std) so experts can diverge in fine-tuning without changing the output now.
-        With ``routing='external'`` the experts are scaled for routing weights that sum to 1.
-        """
-        layer = cls(**cls._conv_args(conv), num_experts=num_experts, **kwargs)
-        gain = 1.0 if layer.router is None else layer.router.zero_().constant_sum()
-        layer._load_static(conv, gain, perturb, generator)
-        return layer
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + ("" if self.routing == "sigmoid" else f", routing={self.routing!r}")
+    spatial_dims = 2
 
 
-class DynamicConv2d(DynamicConvBase):
-    """Dynamic convolution: ``conv(x, sum_i a_i(x) W_i)`` with ``a = softmax(MLP(GAP(x)) / T)``.
-
-    Args:
-        in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode, device,
-            dtype: as :class:`torch.nn.Conv2d`.
-        num_experts: number of kernels. Default 4.
-        reduction: the routing MLP's hidden width is ``max(in_channels // reduction, 4)``. Default 4.
-        temperature: softmax temperature, a buffer; anneal it with :class:`condconv.TemperatureSchedule`. Default 1.
-        strategy: execution strategy; ``None`` follows the global default.
-        init: ``'default'`` or ``'official'``. DynamicConv has no official code: ``'official'`` is the
-            initialisation of the official code of its successor ODConv (OSVAI/ODConv ``modules/odconv.py``): each
-            expert He normal with the fan-out of one expert, ``kaiming_normal_(weight[i], mode='fan_out')``; zero
-            biases; the attention He normal fan-out with zero biases (:class:`condconv.SoftmaxRouter`).
+class CondConv1d(_CondConv):
+    """:class:`CondConv2d` over sequences: :class:`torch.nn.Conv1d`'s arguments, the same options and routers.
 
     Shape:
-        ``forward(x, routing_weights=None)``: ``(B, C_in, H, W)`` -> ``(B, C_out, H_out, W_out)``.
+        ``forward(x, routing_weights=None)``: ``x`` ``(B, C_in, L)`` -> ``(B, C_out, L_out)``; ``weight``
+        ``(num_experts, out_channels, in_channels // groups, k)``.
     """
+
+    spatial_dims = 1
+
+
+class CondConv3d(_CondConv):
+    """:class:`CondConv2d` over volumes (video, 3-D scans): :class:`torch.nn.Conv3d`'s arguments, the same options.
+
+    Shape:
+        ``forward(x, routing_weights=None)``: ``x`` ``(B, C_in, D, H, W)`` -> ``(B, C_out, D_out, H_out, W_out)``;
+        ``weight`` ``(num_experts, out_channels, in_channels // groups, kd, kh, kw)``.
+    """
+
+    spatial_dims = 3
+
+
+class _DynamicConv(DynamicConvBase):
+    """DynamicConv in any rank: the code of :class:`DynamicConv1d`, :class:`DynamicConv2d`, :class:`DynamicConv3d`."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *,
@@ -341,15 +379,95 @@ class DynamicConv2d(DynamicConvBase):
         return self._run(x, routing_weights, self.bias, call=call)
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d, *, num_experts: int = 4, perturb: float = 0.0,
-                  generator: torch.Generator | None = None, **kwargs) -> DynamicConv2d:
-        """A DynamicConv2d computing exactly what ``conv`` computes (uniform routing, every kernel = ``conv``'s)."""
+    def from_conv(cls, conv: nn.Module, *, num_experts: int = 4, perturb: float = 0.0,
+                  generator: torch.Generator | None = None, **kwargs) -> _DynamicConv:
+        """A layer computing exactly what ``conv`` (the ``nn.Conv1d/2d/3d`` of the class's rank) computes (uniform
+        routing, every kernel = ``conv``'s)."""
         layer = cls(**cls._conv_args(conv), num_experts=num_experts, **kwargs)
         layer._load_static(conv, layer.router.zero_().constant_sum(), perturb, generator)
         return layer
 
 
-class ODConv2d(DynamicConvBase):
+class DynamicConv2d(_DynamicConv):
+    """Dynamic convolution: ``conv(x, sum_i a_i(x) W_i)`` with ``a = softmax(MLP(GAP(x)) / T)``.
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode, device,
+            dtype: as :class:`torch.nn.Conv2d`.
+        num_experts: number of kernels. Default 4.
+        reduction: the routing MLP's hidden width is ``max(in_channels // reduction, 4)``. Default 4.
+        temperature: softmax temperature, a buffer; anneal it with :class:`condconv.TemperatureSchedule`. Default 1.
+        strategy: execution strategy; ``None`` follows the global default.
+        init: ``'default'`` or ``'official'``. DynamicConv has no official code: ``'official'`` is the
+            initialisation of the official code of its successor ODConv (OSVAI/ODConv ``modules/odconv.py``): each
+            expert He normal with the fan-out of one expert, ``kaiming_normal_(weight[i], mode='fan_out')``; zero
+            biases; the attention He normal fan-out with zero biases (:class:`condconv.SoftmaxRouter`).
+
+    Shape:
+        ``forward(x, routing_weights=None)``: ``(B, C_in, H, W)`` -> ``(B, C_out, H_out, W_out)``.
+    """
+
+    spatial_dims = 2
+
+
+class DynamicConv1d(_DynamicConv):
+    """:class:`DynamicConv2d` over sequences: :class:`torch.nn.Conv1d`'s arguments, the same options and router.
+
+    Shape:
+        ``forward(x, routing_weights=None)``: ``(B, C_in, L)`` -> ``(B, C_out, L_out)``; ``weight`` ``(num_experts,
+        out_channels, in_channels // groups, k)``.
+    """
+
+    spatial_dims = 1
+
+
+class DynamicConv3d(_DynamicConv):
+    """:class:`DynamicConv2d` over volumes: :class:`torch.nn.Conv3d`'s arguments, the same options and router.
+
+    Shape:
+        ``forward(x, routing_weights=None)``: ``(B, C_in, D, H, W)`` -> ``(B, C_out, D_out, H_out, W_out)``;
+        ``weight`` ``(num_experts, out_channels, in_channels // groups, kd, kh, kw)``.
+    """
+
+    spatial_dims = 3
+
+
+class _ODConv(DynamicConvBase):
+    """ODConv in any rank: the code of :class:`ODConv1d`, :class:`ODConv2d` and :class:`ODConv3d`."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *,
+                 num_experts: int = 4, reduction: float = 1 / 16, min_channels: int = 16, temperature: float = 1.0,
+                 norm: str = "layer", strategy: str | None = None, init: str = "default") -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                         padding_mode, device, dtype, num_experts=num_experts, strategy=strategy, init=init)
+        self.router = OmniRouter(in_channels, out_channels, self.kernel_size, groups, num_experts,
+                                 reduction=reduction, min_channels=min_channels, temperature=temperature, norm=norm,
+                                 init=init, device=device, dtype=dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        call = self._plan(x, spatial=self.router.spatial is not None)
+        att = self.router(x)
+        routing = att.expert if att.expert is not None else x.new_ones((x.shape[0], 1), dtype=self.weight.dtype)
+        # the channel attentions and the bias go to the engine with the kernel: one fused call with 'triton'
+        return self._run(x, routing, self.bias, att.spatial, call, in_scale=att.in_channel,
+                         out_scale=att.out_channel)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Module, *, num_experts: int = 4, perturb: float = 0.0,
+                  generator: torch.Generator | None = None, **kwargs) -> _ODConv:
+        """A layer computing exactly what ``conv`` (the ``nn.Conv1d/2d/3d`` of the class's rank) computes (constant
+        attentions, experts rescaled)."""
+        layer = cls(**cls._conv_args(conv), num_experts=num_experts, **kwargs)
+        gain = layer.router.zero_().constant_gain()
+        layer._load_static(conv, gain, perturb, generator)
+        if layer.bias is not None and conv.bias is not None:
+            with torch.no_grad():  # the bias is added after the attentions: it must not be rescaled
+                layer.bias.copy_(conv.bias.detach().to(layer.bias.dtype).unsqueeze(0).expand_as(layer.bias))
+        return layer
+
+
+class ODConv2d(_ODConv):
     """Omni-dimensional dynamic convolution.
 
     Per example: ``conv(x, sum_i a_e[i] * (a_s ⊙ a_in ⊙ a_out ⊙ W_i)) + sum_i a_e[i] * b_i``, computed as
@@ -377,43 +495,57 @@ class ODConv2d(DynamicConvBase):
         ``forward(x)``: ``(B, C_in, H, W)`` -> ``(B, C_out, H_out, W_out)``.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
-                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *,
-                 num_experts: int = 4, reduction: float = 1 / 16, min_channels: int = 16, temperature: float = 1.0,
-                 norm: str = "layer", strategy: str | None = None, init: str = "default") -> None:
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
-                         padding_mode, device, dtype, num_experts=num_experts, strategy=strategy, init=init)
-        self.router = OmniRouter(in_channels, out_channels, self.kernel_size, groups, num_experts,
-                                 reduction=reduction, min_channels=min_channels, temperature=temperature, norm=norm,
-                                 init=init, device=device, dtype=dtype)
+    spatial_dims = 2
 
-    def forward(self, x: Tensor) -> Tensor:
-        call = self._plan(x, spatial=self.router.spatial is not None)
-        att = self.router(x)
-        routing = att.expert if att.expert is not None else x.new_ones((x.shape[0], 1), dtype=self.weight.dtype)
-        # the channel attentions and the bias go to the engine with the kernel: one fused call with 'triton'
-        return self._run(x, routing, self.bias, att.spatial, call, in_scale=att.in_channel,
-                         out_scale=att.out_channel)
 
-    @classmethod
-    def from_conv(cls, conv: nn.Conv2d, *, num_experts: int = 4, perturb: float = 0.0,
-                  generator: torch.Generator | None = None, **kwargs) -> ODConv2d:
-        """An ODConv2d computing exactly what ``conv`` computes (constant attentions, experts rescaled)."""
-        layer = cls(**cls._conv_args(conv), num_experts=num_experts, **kwargs)
-        gain = layer.router.zero_().constant_gain()
-        layer._load_static(conv, gain, perturb, generator)
-        if layer.bias is not None and conv.bias is not None:
-            with torch.no_grad():  # the bias is added after the attentions: it must not be rescaled
-                layer.bias.copy_(conv.bias.detach().to(layer.bias.dtype).unsqueeze(0).expand_as(layer.bias))
-        return layer
+class ODConv1d(_ODConv):
+    """:class:`ODConv2d` over sequences: :class:`torch.nn.Conv1d`'s arguments, the same options; the spatial
+    attention has one value per kernel position (``k``).
+
+    Shape:
+        ``forward(x)``: ``(B, C_in, L)`` -> ``(B, C_out, L_out)``; ``weight`` ``(num_experts, out_channels,
+        in_channels // groups, k)``.
+    """
+
+    spatial_dims = 1
+
+
+class ODConv3d(_ODConv):
+    """:class:`ODConv2d` over volumes: :class:`torch.nn.Conv3d`'s arguments, the same options; the spatial
+    attention has one value per kernel position (``kd * kh * kw``).
+
+    Shape:
+        ``forward(x)``: ``(B, C_in, D, H, W)`` -> ``(B, C_out, D_out, H_out, W_out)``; ``weight`` ``(num_experts,
+        out_channels, in_channels // groups, kd, kh, kw)``.
+    """
+
+    spatial_dims = 3
 
 
 #: The dynamic convolution kinds and their layer classes: the one table that ``make_conv2d``, ``convert``, the MAC
 #: counter, the benchmarks and the command line derive their choices from.
 LAYERS: dict[str, type[DynamicConvBase]] = {"condconv": CondConv2d, "dynamic": DynamicConv2d, "odconv": ODConv2d}
+#: :data:`LAYERS` for every spatial rank (1, 2, 3): what ``convert`` puts in place of an ``nn.Conv1d/2d/3d``.
+LAYERS_BY_RANK: dict[int, dict[str, type[DynamicConvBase]]] = {
+    1: {"condconv": CondConv1d, "dynamic": DynamicConv1d, "odconv": ODConv1d},
+    2: LAYERS,
+    3: {"condconv": CondConv3d, "dynamic": DynamicConv3d, "odconv": ODConv3d},
+}
 DYNAMIC_KINDS = tuple(LAYERS)
 #: ``conv=`` values of the model zoo: a plain ``nn.Conv2d`` or one of :data:`LAYERS`.
 CONV_KINDS = ("static", *DYNAMIC_KINDS)
+
+
+def spatial_ranks(model: nn.Module) -> list[int]:
+    """The spatial ranks (1, 2, 3) of the convolutions of ``model``, static (``nn.Conv1d/2d/3d``) and dynamic, in
+    increasing order; ``[2]`` for a model without any (what the MAC counter and the exporter expect of an input)."""
+    ranks = set()
+    for module in model.modules():
+        if isinstance(module, DynamicConvBase):
+            ranks.add(module.spatial_dims)
+        else:
+            ranks.update(rank for rank, cls in TORCH_CONVS.items() if isinstance(module, cls))
+    return sorted(ranks) or [2]
 
 
 def make_conv2d(conv: str, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,

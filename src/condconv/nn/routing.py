@@ -17,6 +17,7 @@ papers' code does; see each class): the official initialisers were read in tenso
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -67,9 +68,11 @@ def _in_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def _pooled(x: Tensor) -> Tensor:
-    if x.dim() != 4:
-        raise ValueError(f"router input must be 4-D (batch, channels, height, width), got shape {tuple(x.shape)}")
-    return x.mean((2, 3))
+    """Global average pooling over every spatial axis of ``(B, C, *spatial)`` (1, 2 or 3 axes) -> ``(B, C)``."""
+    if x.dim() not in (3, 4, 5):
+        raise ValueError(f"router input must be 3-D, 4-D or 5-D (batch, channels, *spatial), got shape "
+                         f"{tuple(x.shape)}")
+    return x.mean(tuple(range(2, x.dim())))
 
 
 class SigmoidRouter(nn.Module):
@@ -97,7 +100,7 @@ class SigmoidRouter(nn.Module):
             nn.init.zeros_(self.fc.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        """``x``: ``(B, C, H, W)`` -> routing ``(B, num_experts)`` in (0, 1)."""
+        """``x``: ``(B, C, H, W)`` (or ``(B, C, L)``, ``(B, C, D, H, W)``) -> routing ``(B, num_experts)`` in (0, 1)."""
         h = _pooled(x)
         if self.training and self.dropout.p > 0:
             h = self.dropout(h)
@@ -150,7 +153,7 @@ class SoftmaxRouter(nn.Module):
             _he_fan_out([m for m in self.modules() if isinstance(m, nn.Linear)])
 
     def forward(self, x: Tensor) -> Tensor:
-        """``x``: ``(B, C, H, W)`` -> routing ``(B, num_experts)``, rows summing to 1."""
+        """``x``: ``(B, C, *spatial)`` (1 to 3 spatial axes) -> routing ``(B, num_experts)``, rows summing to 1."""
         h = _pooled(x)
         if self.training and self.dropout.p > 0:
             h = self.dropout(h)
@@ -174,7 +177,8 @@ class Attentions(NamedTuple):
 
     Attributes:
         expert: ``(B, E)`` softmax over experts (None when E == 1).
-        spatial: ``(B, kh, kw)`` sigmoid over kernel positions (None for 1x1 kernels).
+        spatial: ``(B, kh, kw)`` (``(B, *kernel_size)`` in any rank) sigmoid over kernel positions (None for 1x1
+            kernels).
         in_channel: ``(B, C_in)`` sigmoid, applied to the input.
         out_channel: ``(B, C_out)`` sigmoid, applied to the output (None for depthwise layers).
     """
@@ -195,7 +199,8 @@ class OmniRouter(nn.Module):
     temperature; spatial, input-channel and output-channel heads use a sigmoid, the expert head a softmax.
 
     Args:
-        in_channels, out_channels, kernel_size, groups: the convolution's.
+        in_channels, out_channels, kernel_size, groups: the convolution's (``kernel_size``: one entry per spatial
+            axis, 1 to 3; the spatial head has ``prod(kernel_size)`` outputs).
         num_experts: number of experts (the expert head exists only when > 1).
         reduction: trunk width relative to ``in_channels``. Default 1/16.
         min_channels: smallest trunk width. Default 16.
@@ -207,7 +212,7 @@ class OmniRouter(nn.Module):
             (its 1x1 convolutions on the pooled input are these linear layers; fan-out = output features).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, int], groups: int = 1,
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, ...], groups: int = 1,
                  num_experts: int = 4, *, reduction: float = 1 / 16, min_channels: int = 16,
                  temperature: float = 1.0, norm: str = "layer", init: str = "default", device=None,
                  dtype=None) -> None:
@@ -230,9 +235,9 @@ class OmniRouter(nn.Module):
             self.norm = nn.BatchNorm1d(hidden, **factory)
         else:
             self.norm = nn.Identity()
-        kh, kw = self.kernel_size
+        positions = math.prod(self.kernel_size)
         depthwise = groups == in_channels and out_channels == in_channels
-        self.spatial = nn.Linear(hidden, kh * kw, **factory) if kh * kw > 1 else None
+        self.spatial = nn.Linear(hidden, positions, **factory) if positions > 1 else None
         self.in_channel = nn.Linear(hidden, in_channels, **factory)
         self.out_channel = None if depthwise else nn.Linear(hidden, out_channels, **factory)
         self.expert = nn.Linear(hidden, num_experts, **factory) if num_experts > 1 else None
@@ -244,7 +249,7 @@ class OmniRouter(nn.Module):
         return [h for h in (self.spatial, self.in_channel, self.out_channel, self.expert) if h is not None]
 
     def forward(self, x: Tensor) -> Attentions:
-        """``x``: ``(B, C_in, H, W)`` -> :class:`Attentions`."""
+        """``x``: ``(B, C_in, H, W)`` (any rank: ``(B, C_in, *spatial)``) -> :class:`Attentions`."""
         if self.training and isinstance(self.norm, nn.BatchNorm1d) and x.shape[0] == 1:
             raise ValueError("OmniRouter with norm='batch' cannot train on a batch of 1 (BatchNorm needs more than "
                              "one value per channel): use norm='layer' (the default) or norm='none'")

@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         selected = set(select_convs(model, args.include, args.exclude))
         for name in list_convs(model):
             conv = model.get_submodule(name)
-            shape = (f"{conv.in_channels}->{conv.out_channels} k{conv.kernel_size[0]}x{conv.kernel_size[1]} "
+            shape = (f"{conv.in_channels}->{conv.out_channels} k{'x'.join(map(str, conv.kernel_size))} "
                      f"s{conv.stride[0]} g{conv.groups}")
             print(f"{'*' if name in selected else ' '} {name:40s} {shape}")
         print(f"{len(selected)} of {len(list_convs(model))} Conv2d layers selected (*)")

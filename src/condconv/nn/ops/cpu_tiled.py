@@ -5,11 +5,13 @@ a fresh multi-megabyte allocation is served by glibc with newly mapped pages tha
 call. So per-example kernels are mixed chunk by chunk over the batch, each chunk's kernels at most
 :data:`CHUNK_BYTES` big, into per-thread buffers reused across calls (:func:`workspace`). :class:`MixedMatmul` is
 the ``bmm`` strategy as one custom autograd function over such tiles, with a backward that re-mixes each tile
-instead of keeping every example's kernel alive.
+instead of keeping every example's kernel alive. Every function serves 1-D, 2-D and 3-D convolutions alike.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 import threading
 from functools import partial
 
@@ -18,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from condconv.nn.ops.context import autocast_on, is_tracing, needs_grad
-from condconv.nn.ops.decomposed import bmm_columns, mix_kernels
+from condconv.nn.ops.decomposed import bmm_columns, mix_kernels, window
 
 __all__ = ["CHUNK_BYTES", "GROUPED_CHUNK_BYTES", "SCAN_CHUNK_BYTES", "Columns", "MixedMatmul", "clear_workspace",
            "fused_bmm", "mix_into_workspace", "per_example", "workspace"]
@@ -93,40 +95,54 @@ def per_example(apply, x, weight, routing, spatial, geometry, out_hw, chunk_byte
 
 
 class Columns:
-    """im2col for one convolution geometry, applied chunk by chunk, and its adjoint (col2im) for the gradient."""
+    """im2col for one convolution geometry (any rank), applied chunk by chunk, and its adjoint (col2im) for the
+    gradient."""
 
     def __init__(self, x_shape, kernel_size, geometry, out_hw) -> None:
         self.stride, self.pad, self.dilation, self.groups = geometry
         self.kernel_size = tuple(kernel_size)
+        self.pointwise = all(k == 1 for k in self.kernel_size)
         self.in_hw = tuple(x_shape[2:])
         self.channels = x_shape[1]
         self.out_hw = tuple(out_hw)
 
     def __call__(self, x: Tensor) -> Tensor:
-        if self.kernel_size == (1, 1):
+        if self.pointwise:
             return bmm_columns(x, self.kernel_size, (self.stride, self.pad, self.dilation, self.groups), self.out_hw)
         # im2col as one strided copy of the padded input: several times faster than F.unfold on the CPU
         if any(self.pad):
-            x = F.pad(x, (self.pad[1], self.pad[1], self.pad[0], self.pad[0]))
+            x = F.pad(x, tuple(p for p in reversed(self.pad) for _ in range(2)))
         n, c = x.shape[:2]
-        (kh, kw), (dh, dw), (sh, sw), (oh, ow) = self.kernel_size, self.dilation, self.stride, self.out_hw
-        st = x.stride()
-        windows = x.as_strided((n, c, kh, kw, oh, ow), (st[0], st[1], dh * st[2], dw * st[3], sh * st[2], sw * st[3]),
-                               x.storage_offset())
-        return windows.reshape(n, self.groups, (c // self.groups) * kh * kw, oh * ow)
+        st = x.stride()[2:]
+        sizes = (n, c, *self.kernel_size, *self.out_hw)
+        strides = (*x.stride()[:2], *(d * t for d, t in zip(self.dilation, st)),
+                   *(s * t for s, t in zip(self.stride, st)))
+        windows = x.as_strided(sizes, strides, x.storage_offset())
+        return windows.reshape(n, self.groups, (c // self.groups) * math.prod(self.kernel_size),
+                               math.prod(self.out_hw))
 
     def adjoint(self, grad_cols: Tensor) -> Tensor:
         """Gradient wrt the input chunk from the gradient wrt its columns ``(n, g, D, L)``."""
         n = grad_cols.shape[0]
-        if self.kernel_size == (1, 1):
+        if self.pointwise:
             grad = grad_cols.reshape(n, self.channels, *self.out_hw)
-            if self.stride == (1, 1):
+            if all(s == 1 for s in self.stride):
                 return grad
             full = grad.new_zeros((n, self.channels, *self.in_hw))
-            full[:, :, ::self.stride[0], ::self.stride[1]] = grad
+            full[(slice(None), slice(None), *(slice(None, None, s) for s in self.stride))] = grad
             return full
-        return F.fold(grad_cols.reshape(n, -1, self.out_hw[0] * self.out_hw[1]), self.in_hw, self.kernel_size,
-                      dilation=self.dilation, padding=self.pad, stride=self.stride)
+        if len(self.kernel_size) == 2:
+            return F.fold(grad_cols.reshape(n, -1, math.prod(self.out_hw)), self.in_hw, self.kernel_size,
+                          dilation=self.dilation, padding=self.pad, stride=self.stride)
+        # other ranks: each kernel position's columns added back into the strided view of the padded input they
+        # were read from, then the padding cropped
+        padded = [size + 2 * p for size, p in zip(self.in_hw, self.pad)]
+        full = grad_cols.new_zeros((n, self.channels, *padded))
+        grad = grad_cols.reshape(n, self.channels, *self.kernel_size, *self.out_hw)
+        for position in itertools.product(*(range(k) for k in self.kernel_size)):
+            offset = [i * d for i, d in zip(position, self.dilation)]
+            window(full, offset, self.stride, self.out_hw).add_(grad[(slice(None), slice(None), *position)])
+        return full[(slice(None), slice(None), *(slice(p, p + size) for p, size in zip(self.pad, self.in_hw)))]
 
 
 class MixedMatmul(torch.autograd.Function):
@@ -140,7 +156,8 @@ class MixedMatmul(torch.autograd.Function):
     gradients of the experts, the routing and the spatial attention.
 
     Shapes: ``x (B, C_in, H, W)``, ``weight (E, g, O/g, D)`` with ``D = C_in/g * kh * kw``, ``routing (B, E)``,
-    ``spatial (B, kh * kw)`` or None -> ``(B, g, O/g, L)``.
+    ``spatial (B, kh * kw)`` or None -> ``(B, g, O/g, L)`` (in any rank: ``D = C_in/g * prod(kernel_size)``, ``L``
+    the number of output positions).
     """
 
     @staticmethod
@@ -244,7 +261,7 @@ def _tiling(batch: int, groups: int, per_group_out: int, depth: int, length: int
     item = like.element_size()
     per_item = groups * per_group_out * depth * item
     chunk = batch
-    if columns.kernel_size != (1, 1):
+    if not columns.pointwise:
         chunk = max(1, min(batch, CHUNK_BYTES // max(1, groups * depth * length * item)))
     if groups > 1 or chunk * per_item <= CHUNK_BYTES:
         return max(1, min(chunk, CHUNK_BYTES // max(1, per_item))), per_group_out
@@ -262,7 +279,7 @@ def _mixed_matmul_forward(x: Tensor, weight: Tensor, routing: Tensor, spatial: T
                           bias: Tensor | None = None) -> Tensor:
     batch = x.shape[0]
     experts, groups, per_group_out, depth = weight.shape
-    length = columns.out_hw[0] * columns.out_hw[1]
+    length = math.prod(columns.out_hw)
     chunk, tile = _tiling(batch, groups, per_group_out, depth, length, columns, weight)
     buf = workspace(chunk * groups * tile * depth, weight, slot=0)
     out = x.new_empty((batch, groups, per_group_out, length))
@@ -294,10 +311,11 @@ def _mixed_matmul_forward(x: Tensor, weight: Tensor, routing: Tensor, spatial: T
 def fused_bmm(x, weight, routing, spatial, geometry, out_hw, bias: Tensor | None = None) -> Tensor:
     """The ``bmm`` strategy through :class:`MixedMatmul` (CPU, no autocast, not tracing); ``bias``: ``(B, C_out)``."""
     groups = geometry[3]
-    experts, out_channels, in_per_group, kh, kw = weight.shape
-    columns = Columns(x.shape, (kh, kw), geometry, out_hw)
-    w = weight.reshape(experts, groups, out_channels // groups, in_per_group * kh * kw)
-    s = None if spatial is None else spatial.reshape(spatial.shape[0], kh * kw)
+    experts, out_channels, in_per_group, *kernel_size = weight.shape
+    positions = math.prod(kernel_size)
+    columns = Columns(x.shape, kernel_size, geometry, out_hw)
+    w = weight.reshape(experts, groups, out_channels // groups, in_per_group * positions)
+    s = None if spatial is None else spatial.reshape(spatial.shape[0], positions)
     b = None if bias is None else bias.reshape(bias.shape[0], groups, out_channels // groups)
     if needs_grad(x, weight, routing, spatial, bias):
         out = MixedMatmul.apply(x, w, routing, s, columns, b)

@@ -1,5 +1,5 @@
-"""Shape and layout rules shared by the Triton operator's front end (:mod:`condconv.nn.ops.triton_conv`, which must work
-without Triton) and its kernel launches (:mod:`condconv.nn.ops.triton_launch`)."""
+"""Shape and layout rules shared by the engine and the Triton operator's front end (:mod:`condconv.nn.ops.triton_conv`,
+which must work without Triton) and its kernel launches (:mod:`condconv.nn.ops.triton_launch`)."""
 
 from __future__ import annotations
 
@@ -8,20 +8,29 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["memory_format_of", "output_hw"]
+__all__ = ["memory_format_of", "output_hw", "output_size"]
 
 
 def memory_format_of(x: Tensor) -> torch.memory_format:
-    """The memory format of an output or gradient made for ``x``: channels_last if ``x`` is (and is not also
-    NCHW-contiguous), else contiguous."""
-    if x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
+    """The memory format of an output or gradient made for ``x``: channels_last (channels_last_3d for a 5-D ``x``) if
+    ``x`` is (and is not also contiguous), else contiguous."""
+    channels_last = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+    if channels_last is None or x.is_contiguous() or not x.is_contiguous(memory_format=channels_last):
         return torch.contiguous_format
-    return torch.channels_last
+    return channels_last
+
+
+def output_size(size: Sequence, kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int],
+                dilation: Sequence[int]) -> tuple:
+    """The output's spatial size for any rank: ``size``, ``kernel_size``, ``stride``, ``dilation`` one entry per
+    spatial axis, ``padding`` in :func:`torch.nn.functional.pad`'s order (last axis first, ``(before, after)`` per
+    axis). Works on symbolic sizes."""
+    rank = len(kernel_size)
+    return tuple((size[i] + padding[2 * (rank - 1 - i)] + padding[2 * (rank - 1 - i) + 1]
+                  - dilation[i] * (kernel_size[i] - 1) - 1) // stride[i] + 1 for i in range(rank))
 
 
 def output_hw(height, width, kh: int, kw: int, stride: Sequence[int], padding: Sequence[int],
               dilation: Sequence[int]):
     """``(H_out, W_out)`` for padding ``(left, right, top, bottom)`` (works on symbolic sizes)."""
-    out_h = (height + padding[2] + padding[3] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    out_w = (width + padding[0] + padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    return out_h, out_w
+    return output_size((height, width), (kh, kw), stride, padding, dilation)
