@@ -353,6 +353,8 @@ def _run_validated(x: Tensor, weight: Tensor, routing: Tensor, bias: Tensor | No
         # keep the graph connected so backward works for an empty batch
         return out + 0 * (weight.sum() + routing.sum() + (bias.sum() if bias is not None else 0))
     chosen = _forced_strategy() or strategy
+    if chosen not in STRATEGIES:  # e.g. a layer attribute set around its check: never fall through to a path
+        _check_strategy(chosen)
     if chosen == "auto":
         chosen = select_strategy(call.batch, call.in_channels, call.out_channels, call.kernel_size, groups,
                                  call.num_experts, call.out_hw, spatial=spatial is not None, device=x.device,
@@ -429,6 +431,9 @@ def _execute(chosen: str, x: Tensor, weight: Tensor, routing: Tensor, spatial: T
             return decomposed.scan(x, mix_kernels(routing, weight, spatial), geometry, call.out_hw, bias)
         return cpu_tiled.per_example(decomposed.scan, x, weight, routing, spatial, geometry, call.out_hw,
                                      cpu_tiled.SCAN_CHUNK_BYTES, bias=bias)
+    if chosen != "single" or call.batch != 1:  # the one kernel of example 0 is right for a batch of one only
+        raise ValueError(f"strategy {chosen!r} cannot run a batch of {call.batch} (strategy 'single' needs batch "
+                         f"size 1; strategies: {STRATEGIES})")
     if _use_fused(x, weight, routing, spatial) and not needs_grad(x, weight, routing, spatial):
         kernel = cpu_tiled.mix_into_workspace(routing, weight, spatial)[0]  # no fresh pages for a big kernel
     else:

@@ -72,14 +72,29 @@ class DynamicConvBase(nn.Module):
         resolve_padding(padding, self.kernel_size, self.stride, self.dilation)  # validates
         self.padding = padding if isinstance(padding, str) else _pair(padding, "padding")
         self.padding_mode = padding_mode
-        if strategy is not None and strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be None or one of {STRATEGIES}, got {strategy!r}")
-        self.strategy = strategy
+        self.strategy = strategy  # validated by the property
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(
             torch.empty(num_experts, out_channels, in_channels // groups, *self.kernel_size, **factory))
         self.bias = nn.Parameter(torch.empty(num_experts, out_channels, **factory)) if bias else None
         self.reset_parameters()
+
+    @property
+    def strategy(self) -> str | None:
+        """The layer's execution strategy (one of :data:`condconv.STRATEGIES`), or ``None`` to follow the global
+        default; setting an unknown name raises ``ValueError`` naming it and listing the valid ones."""
+        return self.__dict__.get("_strategy")
+
+    @strategy.setter
+    def strategy(self, value: str | None) -> None:
+        if value is not None and (not isinstance(value, str) or value not in STRATEGIES):
+            raise ValueError(f"strategy must be None or one of {STRATEGIES}, got {value!r}")
+        self.__dict__["_strategy"] = value
+
+    def __setstate__(self, state: dict) -> None:
+        if "strategy" in state:  # a layer pickled when strategy was a plain attribute
+            state["_strategy"] = state.pop("strategy")
+        super().__setstate__(state)
 
     def reset_parameters(self) -> None:
         """Initialise the experts: ``init='default'``: each exactly as ``nn.Conv2d`` initialises its kernel (fan-in of
