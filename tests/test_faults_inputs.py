@@ -7,6 +7,8 @@ of numeric options, run folders whose config.yaml changed, clear messages, and a
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -77,3 +79,52 @@ def test_a_layer_pickled_with_the_old_plain_attribute_still_loads():
     clone.__setstate__(state)
     assert clone.strategy == "bmm"
     assert pickle.loads(pickle.dumps(layer)).strategy == "bmm"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 5. clear messages from the layers
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("cls", LAYER_CLASSES, ids=lambda c: c.__name__)
+def test_integer_like_channel_counts_are_taken_as_nn_conv2d_takes_them(cls):
+    np = pytest.importorskip("numpy")
+    layer = cls(np.int64(4), np.int32(8), np.int64(3), padding=np.int64(1), groups=np.int16(2),
+                num_experts=np.int64(2))
+    static = torch.nn.Conv2d(np.int64(4), np.int32(8), np.int64(3), padding=np.int64(1), groups=np.int16(2))
+    assert (layer.in_channels, layer.out_channels, layer.groups, layer.num_experts) == (4, 8, 2, 2)
+    assert all(type(v) is int for v in (layer.in_channels, layer.out_channels, layer.groups, layer.num_experts,
+                                        *layer.kernel_size, *layer.padding))
+    x = torch.randn(2, 4, 5, 5)
+    assert layer(x).shape == static(x).shape == (2, 8, 5, 5)
+    for bad in (4.0, True, "4"):
+        with pytest.raises((TypeError, ValueError), match="in_channels"):
+            cls(bad, 8, 3, num_experts=2)
+
+
+@pytest.mark.parametrize("mode,pad,size,ok", [("reflect", 3, 3, False), ("reflect", 2, 3, True),
+                                               ("circular", 3, 2, False), ("circular", 3, 3, True)])
+def test_wrap_padding_wider_than_the_input_is_a_clear_error(mode, pad, size, ok):
+    layer = CondConv2d(2, 2, 2 * pad - 1, padding=pad, padding_mode=mode, num_experts=2)
+    x = torch.randn(2, 2, size, size + 2)
+    if ok:
+        static = torch.nn.Conv2d(2, 2, 2 * pad - 1, padding=pad, padding_mode=mode)
+        assert layer(x).shape == static(x).shape
+        return
+    with pytest.raises(ValueError, match=rf"padding_mode='{mode}' needs padding .* the input: padding {pad} along the "
+                                         rf"height of a {size}x{size + 2} input"):
+        layer(x)
+    with pytest.raises(ValueError, match=f"padding_mode='{mode}'"):
+        engine.dynamic_conv2d(x, layer.weight, torch.rand(2, 2), padding=pad, padding_mode=mode)
+
+
+@pytest.mark.parametrize("cls", LAYER_CLASSES, ids=lambda c: c.__name__)
+def test_torchscript_scripting_says_what_is_not_supported_and_what_to_use(cls):
+    layer = cls(4, 4, 3, padding=1, num_experts=2).eval()
+    for module in (layer, torch.nn.Sequential(torch.nn.Conv2d(4, 4, 1), layer)):
+        with pytest.raises(RuntimeError, match=rf"torch.jit.script does not support {cls.__name__} .*torch.jit.trace"
+                                               r".*torch.export"):
+            torch.jit.script(module)
+    x = torch.randn(2, 4, 5, 5)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(layer, x, check_trace=False)
+        torch.testing.assert_close(traced(x), layer(x))  # what the message points to works

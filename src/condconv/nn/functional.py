@@ -38,6 +38,7 @@ The choice can be forced per call (``strategy=``), per layer (the layers' ``stra
 from __future__ import annotations
 
 import contextlib
+import operator
 import threading
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
@@ -50,7 +51,7 @@ from condconv.nn.ops import cpu_tiled, decomposed
 from condconv.nn.ops.context import autocast_dtype, autocast_on, is_exporting, is_tracing, needs_grad, tracing_kind
 from condconv.nn.ops.cpu_tiled import clear_workspace
 from condconv.nn.ops.decomposed import mix_kernels
-from condconv.utils.checks import positive_int
+from condconv.utils.checks import is_integer, positive_int
 
 __all__ = [
     "STRATEGIES",
@@ -119,13 +120,10 @@ def use_strategy(name: str) -> Iterator[None]:
 
 
 def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
-    if isinstance(value, int):
-        return (value, value)
-    if isinstance(value, Sequence) and len(value) == 2 and all(isinstance(v, int) and not isinstance(v, bool)
-                                                                for v in value):
-        return (int(value[0]), int(value[1]))
+    if is_integer(value):  # numpy ints and anything with __index__, as nn.Conv2d takes them
+        return (operator.index(value), operator.index(value))
+    if isinstance(value, Sequence) and len(value) == 2 and all(is_integer(v) for v in value):
+        return (operator.index(value[0]), operator.index(value[1]))
     raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
 
 
@@ -257,6 +255,19 @@ def _check_scales(in_scale: Tensor | None, out_scale: Tensor | None, batch: int,
                              f"got {tuple(value.shape)}")
 
 
+def _check_wrap_padding(padding_mode: str, pads: tuple[int, int, int, int], height: int, width: int) -> None:
+    """``'reflect'`` padding must be smaller than the input, ``'circular'`` at most its size (PyTorch's rule)."""
+    if padding_mode not in ("reflect", "circular"):
+        return
+    for before, after, size, axis in ((pads[2], pads[3], height, "height"), (pads[0], pads[1], width, "width")):
+        pad = max(before, after)
+        if (pad >= size) if padding_mode == "reflect" else (pad > size):
+            bound = "smaller than" if padding_mode == "reflect" else "at most"
+            raise ValueError(f"padding_mode={padding_mode!r} needs padding {bound} the input: padding {pad} along "
+                             f"the {axis} of a {height}x{width} input (use a larger input, less padding or "
+                             "padding_mode='zeros'/'replicate')")
+
+
 def _validate(x: Tensor, weight: Tensor, routing: Tensor, bias: Tensor | None, stride, padding, dilation,
               groups: int, padding_mode: str, spatial: Tensor | None) -> _Call:
     """Check a call's arguments (``ValueError``/``TypeError`` naming the argument) and work out its geometry."""
@@ -285,6 +296,7 @@ def _validate(x: Tensor, weight: Tensor, routing: Tensor, bias: Tensor | None, s
     if min(stride_) < 1 or min(dilation_) < 1:
         raise ValueError(f"stride and dilation must be positive, got stride={stride!r}, dilation={dilation!r}")
     pads = resolve_padding(padding, (kh, kw), stride_, dilation_)
+    _check_wrap_padding(padding_mode, pads, height, width)
     out_h = conv_output_size(height, kh, stride_[0], dilation_[0], pads[2], pads[3])
     out_w = conv_output_size(width, kw, stride_[1], dilation_[1], pads[0], pads[1])
     if out_h < 1 or out_w < 1:

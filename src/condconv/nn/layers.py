@@ -57,6 +57,9 @@ class DynamicConvBase(nn.Module):
         self.out_channels = _positive_int(out_channels, "out_channels")
         self.groups = _positive_int(groups, "groups")
         self.num_experts = _positive_int(num_experts, "num_experts")
+        # integer-like values (numpy ints, anything with __index__) as Python ints from here on, as nn.Conv2d
+        in_channels, out_channels, groups = self.in_channels, self.out_channels, self.groups
+        num_experts = self.num_experts
         if in_channels % groups:
             raise ValueError(f"in_channels ({in_channels}) must be divisible by groups ({groups})")
         if out_channels % groups:
@@ -95,6 +98,13 @@ class DynamicConvBase(nn.Module):
         if "strategy" in state:  # a layer pickled when strategy was a plain attribute
             state["_strategy"] = state.pop("strategy")
         super().__setstate__(state)
+
+    def __prepare_scriptable__(self):
+        """``torch.jit.script`` calls this first: the layers are not scriptable, so say so and what works instead."""
+        raise RuntimeError(f"torch.jit.script does not support {type(self).__name__} (its engine picks a strategy "
+                           "per call in Python: keyword-only arguments, context state, custom autograd functions): "
+                           "use torch.jit.trace (or condconv.export_model(format='torchscript')), torch.export, or "
+                           "torch.compile instead")
 
     def reset_parameters(self) -> None:
         """Initialise the experts: ``init='default'``: each exactly as ``nn.Conv2d`` initialises its kernel (fan-in of
@@ -275,10 +285,10 @@ class CondConv2d(DynamicConvBase):
         _check_temperature(temperature)  # validated whatever the routing, so a bad value never passes silently
         _check_dropout(routing_dropout)
         if routing == "sigmoid":
-            self.router = SigmoidRouter(in_channels, num_experts, routing_dropout, init=init, **factory)
+            self.router = SigmoidRouter(self.in_channels, self.num_experts, routing_dropout, init=init, **factory)
         elif routing == "softmax":
-            self.router = SoftmaxRouter(in_channels, num_experts, temperature=temperature, dropout=routing_dropout,
-                                        init=init, **factory)
+            self.router = SoftmaxRouter(self.in_channels, self.num_experts, temperature=temperature,
+                                        dropout=routing_dropout, init=init, **factory)
         elif routing == "external":
             self.router = None
         else:
@@ -344,7 +354,7 @@ class DynamicConv2d(DynamicConvBase):
                  strategy: str | None = None, init: str = "default") -> None:
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                          padding_mode, device, dtype, num_experts=num_experts, strategy=strategy, init=init)
-        self.router = SoftmaxRouter(in_channels, num_experts, reduction=reduction, temperature=temperature,
+        self.router = SoftmaxRouter(self.in_channels, self.num_experts, reduction=reduction, temperature=temperature,
                                     init=init, device=device, dtype=dtype)
 
     def forward(self, x: Tensor, routing_weights: Tensor | None = None) -> Tensor:
@@ -398,7 +408,7 @@ class ODConv2d(DynamicConvBase):
                  norm: str = "layer", strategy: str | None = None, init: str = "default") -> None:
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                          padding_mode, device, dtype, num_experts=num_experts, strategy=strategy, init=init)
-        self.router = OmniRouter(in_channels, out_channels, self.kernel_size, groups, num_experts,
+        self.router = OmniRouter(self.in_channels, self.out_channels, self.kernel_size, self.groups, self.num_experts,
                                  reduction=reduction, min_channels=min_channels, temperature=temperature, norm=norm,
                                  init=init, device=device, dtype=dtype)
 
