@@ -115,7 +115,3 @@ def main(argv: list[str] | None = None) -> int:
               "the traceback)", file=sys.stderr)
         return 2
     return int(code or 0)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
