@@ -7,14 +7,22 @@ of numeric options, run folders whose config.yaml changed, clear messages, and a
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import pytest
 import torch
+import yaml
 
 import condconv
+import condconv.models.checkpoint
+from condconv.cli import build_parser, main
+from condconv.cli.commands.options import config_from_args
+from condconv.models.checkpoint import load_checkpoint
 from condconv.nn import functional as engine
 from condconv.nn.layers import CondConv2d, DynamicConv2d, ODConv2d
+from condconv.training.config import TrainConfig, model_args
+from condconv.training.sweep import sweep_grid
 
 LAYER_CLASSES = (CondConv2d, DynamicConv2d, ODConv2d)
 
@@ -128,3 +136,211 @@ def test_torchscript_scripting_says_what_is_not_supported_and_what_to_use(cls):
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         traced = torch.jit.trace(layer, x, check_trace=False)
         torch.testing.assert_close(traced(x), layer(x))  # what the message points to works
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 2. what a run records is what ran
+# ---------------------------------------------------------------------------------------------------------------
+# 2 steps of 16 images per epoch: a MobileNetV1 0.25x with 2-expert CondConv on 32 digits
+TINY = ["--width", "0.25", "--experts", "2", "--train-size", "32", "--batch-size", "16", "--no-progress",
+        "--eval-every", "0"]  # fmt: skip
+GRID = ["--widths", "0.25", "--experts", "1", "--seeds", "0", "--train-size", "32", "--batch-size", "16",
+        "--epochs", "1", "--no-progress", "--no-plot"]  # fmt: skip
+
+
+def _error(capsys, command: str) -> str:
+    """The one line ``condconv COMMAND`` printed on stderr (and nothing else there)."""
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    errors = [line for line in err if line.startswith(f"condconv {command}: error: ")]
+    assert len(errors) == 1, err
+    assert not any(line.startswith("Traceback") for line in err), err
+    return errors[0]
+
+
+@pytest.mark.parametrize("key,value,flag", [("width_mult", "0.5", "--width"), ("num_experts", "8", "--experts"),
+                                            ("conv", "static", "--conv"), ("dropout", "0.1", "--dropout")])
+def test_model_kwargs_set_by_a_flag_are_refused_naming_the_flag(key, value, flag, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--epochs", "1", "--model-kwargs", f"{key}={value}", "--out", str(out)]) == 2
+    message = _error(capsys, "train")
+    assert "--model-kwargs must not set" in message and f"use {flag} instead" in message, message
+    assert not out.exists()
+    with pytest.raises(ValueError, match=f"model_kwargs must not set .*use {flag[2:]} instead"):
+        TrainConfig(model_kwargs={key: 1}).validate()
+
+
+@pytest.mark.parametrize("key,flag", [("width_mult", "--widths"), ("num_experts", "--experts")])
+def test_sweep_refuses_model_kwargs_that_the_grid_sets(key, flag, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    assert main(["sweep", *GRID, "--model-kwargs", f"{key}=1", "--out", str(out)]) == 2
+    assert f"use {flag} instead" in _error(capsys, "sweep")
+    assert not out.exists()
+    with pytest.raises(ValueError, match=f"use {flag[2:]} instead"):
+        sweep_grid({"model_kwargs": {key: 1}}, widths=[0.25], experts=[1], seeds=[0], out=out)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("grid,flag", [(["--seeds", "0", "0"], "--seeds"), (["--widths", "0.25", "0.25"], "--widths"),
+                                       (["--experts", "2", "1", "2"], "--experts"),
+                                       (["--seeds", str(2**32)], "--seeds")])
+def test_sweep_refuses_repeated_or_out_of_range_grid_values(grid, flag, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    assert main(["sweep", *GRID, *grid, "--out", str(out)]) == 2
+    message = _error(capsys, "sweep")
+    assert f"error: {flag} must" in message, message
+    assert not out.exists()
+
+
+def test_num_classes_must_match_the_dataset_before_any_folder(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--epochs", "1", "--model-kwargs", "num_classes=3", "--out", str(out)]) == 2
+    message = _error(capsys, "train")
+    assert "num_classes=3 does not match the dataset digits, which has 10" in message, message
+    assert not out.exists()
+
+
+def test_config_summary_and_runs_record_the_model_that_was_built(tmp_path, capsys):
+    """A static model records no experts (not the flag's 2); the parameter count is the built model's."""
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--conv", "static", "--epochs", "1", "--model-kwargs", "num_classes=10",
+                 "--out", str(out)]) == 0
+    summary = capsys.readouterr().out
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    model, _ = load_checkpoint(out)
+    params = sum(p.numel() for p in model.parameters())
+    assert saved["experts"] is None and saved["params"] == params and saved["width"] == 0.25
+    assert "(static, experts=None, width=0.25)" in summary and f"params {params:,}" in summary
+    # the recorded config can be given back as options: the same model
+    config, _ = config_from_args(build_parser().parse_args(["train", "--config", str(out / "config.yaml")]))
+    assert condconv.create_model(config.model, **model_args(config, 10, 1)).state_dict().keys() == \
+        model.state_dict().keys()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 3. ranges and relations, checked before any work
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("argv,message", [
+    (["--min-lr", "0.5", "--lr", "0.1"], "--min-lr (0.5) must not exceed --lr (0.1)"),
+    (["--momentum", "5"], "--momentum must be in [0, 1), got 5.0"),
+    (["--momentum", "1"], "--momentum must be in [0, 1), got 1.0"),
+    (["--warmup-epochs", "100"], "--warmup-epochs (100.0) must not exceed --epochs (1)"),
+    (["--lr-schedule", "step", "--lr-milestones", "6", "3"], "--lr-milestones must be strictly increasing"),
+    (["--lr-milestones", "3", "3"], "--lr-milestones must be strictly increasing"),
+    (["--seed", str(2**32)], "--seed must be an int in [0, 4294967295]"),
+    (["--seed", "-1"], "--seed must be an int in [0, 4294967295]"),
+])  # fmt: skip
+def test_numeric_options_are_checked_with_their_relations_before_any_folder(argv, message, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--epochs", "1", *argv, "--out", str(out)]) == 2
+    assert message in _error(capsys, "train")
+    assert not out.exists()
+
+
+def test_the_largest_seed_trains(tmp_path):
+    """The bound is what the generators take, not narrower: seed 2**32 - 1 runs."""
+    from condconv.utils.checks import MAX_SEED
+
+    assert main(["train", *TINY, "--epochs", "1", "--train-size", "16", "--seed", str(MAX_SEED),
+                 "--out", str(tmp_path / "run")]) == 0
+
+
+def test_convert_seed_and_macs_modules_are_range_checked(tmp_path, capsys):
+    out = tmp_path / "cc"
+    assert main(["convert", "resnet18_cifar", "--seed", str(2**64), "--out", str(out)]) == 2
+    assert "error: --seed must be an int in [0, 4294967295]" in _error(capsys, "convert")
+    assert not out.exists()
+    with pytest.raises(SystemExit) as info:
+        main(["macs", "resnet18_cifar", "--modules", "-1"])
+    assert info.value.code == 2 and "--modules: expected an int >= 0, got -1" in capsys.readouterr().err
+
+
+def _tiny_model() -> torch.nn.Module:
+    return torch.nn.Sequential(CondConv2d(3, 4, 3, padding=1, num_experts=2), torch.nn.ReLU()).eval()
+
+
+@pytest.mark.parametrize("opset,exporter", [(11, "auto"), (17, "torchscript"), (18, "dynamo"), (20, "auto")])
+def test_the_written_onnx_file_declares_the_opset_asked_for(opset, exporter, tmp_path):
+    pytest.importorskip("onnx")
+    if exporter != "torchscript" and opset >= 18:
+        pytest.importorskip("onnxscript")
+    from condconv.deploy.export import export_model, onnx_file_opset
+
+    path = export_model(_tiny_model(), tmp_path / "m.onnx", "onnx", (3, 8, 8), opset, exporter=exporter)
+    assert onnx_file_opset(path) == opset
+
+
+def test_an_opset_the_exporter_does_not_write_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("onnx")
+    import condconv.deploy.export as export
+
+    out = tmp_path / "m.onnx"
+    monkeypatch.setattr(export, "_export_onnx", _never)
+    for opset in (99, 3):
+        with pytest.raises(ValueError, match=f"opset {opset} is outside what the ONNX exporters write here"):
+            export.export_model(_tiny_model(), out, "onnx", (3, 8, 8), opset)
+    if export.onnx_dynamo_available():
+        with pytest.raises(ValueError, match="opset 11 is outside what the dynamo ONNX exporter writes here "
+                                             r"\(18 to \d+\): use exporter torchscript \(7 to \d+\)"):
+            export.export_model(_tiny_model(), out, "onnx", (3, 8, 8), 11, exporter="dynamo")
+    assert main(["export", "resnet18_cifar", "--opset", "99", "--out", str(out)]) == 2
+    assert "error: --opset 99 is outside what the ONNX exporters write here" in _error(capsys, "export")
+    assert not out.exists()
+
+
+def test_a_file_written_at_another_opset_than_asked_is_not_kept(tmp_path, monkeypatch):
+    """The dynamo exporter silently writes its own opset when it cannot convert: read back, refused, no file."""
+    pytest.importorskip("onnxscript")
+    import condconv.deploy.export as export
+
+    real = export.onnx_opset_range
+    monkeypatch.setattr(export, "onnx_opset_range", lambda name: (7, real(name)[1]))  # pretend it converts down
+    out = tmp_path / "m.onnx"
+    with pytest.raises(ValueError, match=r"opset 11 was not written: the dynamo ONNX exporter wrote opset 1\d"):
+        export.export_model(_tiny_model(), out, "onnx", (3, 8, 8), 11, exporter="dynamo")
+    assert list(tmp_path.iterdir()) == []
+
+
+def _never(*args, **kwargs):
+    raise AssertionError("the work started before the request was checked")
+
+
+def test_a_model_that_would_not_fit_in_memory_is_refused_before_allocation(tmp_path, capsys, monkeypatch):
+    import condconv.training.budget as budget
+
+    monkeypatch.setattr(budget, "available_memory", lambda device="cpu": (2**20, "a test limit"))
+    monkeypatch.setattr("condconv.models.checkpoint.build_model", _never_on_cpu(condconv.models.checkpoint.build_model))
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--epochs", "1", "--out", str(out)]) == 2
+    message = _error(capsys, "train")
+    assert re.search(r"would not fit in memory: training it needs at least [\d.]+ MiB \([\d,]+ parameters: .*\), "
+                     r"1\.0 MiB available \(a test limit\): use fewer experts", message), message
+    assert not out.exists()
+    out = tmp_path / "sweep"
+    assert main(["sweep", *GRID, "--experts", "2", "--out", str(out)]) == 2
+    assert "grid point width=0.25, experts=2 would not fit in memory" in _error(capsys, "sweep")
+    assert not (out / "runs").exists()
+
+
+def _never_on_cpu(build):
+    """``build_model`` that refuses to allocate real weights (the estimate builds on the meta device only)."""
+
+    def guarded(*args, **kwargs):
+        if torch.empty(0).device.type != "meta":
+            raise AssertionError("a model was allocated before the memory check")
+        return build(*args, **kwargs)
+
+    return guarded
+
+
+def test_the_memory_estimate_counts_the_parameters_of_the_model_it_would_build():
+    from condconv.training.budget import estimate_training_memory
+
+    args = {"num_classes": 10, "in_chans": 1, "conv": "condconv", "num_experts": 3, "width_mult": 0.25}
+    estimate = estimate_training_memory("mobilenet_v1_cifar", args, (1, 32, 32), 4, optimizer="adamw", ema=True)
+    model = condconv.create_model("mobilenet_v1_cifar", **args)
+    params = sum(p.numel() for p in model.parameters())
+    assert estimate.params == params
+    assert estimate.optimizer == 3 * 4 * params  # two AdamW moments and the weight average, float32
+    assert estimate.weights >= 2 * 4 * params and estimate.activations > 4 * 4 * 32 * 32  # at least the input
+    sgd = estimate_training_memory("mobilenet_v1_cifar", args, (1, 32, 32), 8, optimizer="sgd", momentum=0.0)
+    assert sgd.optimizer == 0 and sgd.activations > estimate.activations  # twice the batch

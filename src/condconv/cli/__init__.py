@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"condconv {args.command}: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, TypeError, OSError, RuntimeError, ImportError) as exc:
+    except (ValueError, TypeError, OSError, RuntimeError, ImportError, MemoryError) as exc:
         if verbose:
             raise
         print(f"condconv {args.command}: error: {_one_line(exc)}", file=sys.stderr)

@@ -108,7 +108,10 @@ class DynamicConvBase(nn.Module):
 
     def reset_parameters(self) -> None:
         """Initialise the experts: ``init='default'``: each exactly as ``nn.Conv2d`` initialises its kernel (fan-in of
-        one expert); ``init='official'``: each from ``N(0, official_std())``, biases zero."""
+        one expert); ``init='official'``: each from ``N(0, official_std())``, biases zero. Nothing to do on the
+        ``meta`` device (shapes only)."""
+        if self.weight.is_meta:
+            return
         if self.init == "official":
             nn.init.normal_(self.weight, 0.0, self.official_std())
             if self.bias is not None:

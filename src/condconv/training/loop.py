@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import condconv.models.checkpoint as ckpt
+import condconv.training.budget as budget
 import condconv.training.config as configuration
 import condconv.training.evaluate as evaluation
 import condconv.utils.runtime as runtime
@@ -55,7 +56,7 @@ from condconv.training.ema import ModelEma
 from condconv.training.optim import build_optimizer, build_scheduler
 from condconv.training.runlog import RunLogs, write_if_changed
 from condconv.utils.checks import OptionError
-from condconv.utils.fileio import folder_lock
+from condconv.utils.fileio import check_writable, folder_lock
 
 __all__ = ["NonFiniteLossError", "TrainProgress", "TrainResult", "train_model"]
 
@@ -223,6 +224,16 @@ def _merge_resume_config(state: Mapping[str, Any], config: configuration.TrainCo
     return configuration.TrainConfig.from_dict(merged, source=str(source))
 
 
+def _built_experts(model: nn.Module, configured: int | None) -> int | None:
+    """The expert count of the model's dynamic layers (None: it has none); ``configured`` if they differ."""
+    from condconv.nn.layers import DynamicConvBase
+
+    counts = {m.num_experts for m in model.modules() if isinstance(m, DynamicConvBase)}
+    if not counts:
+        return None
+    return counts.pop() if len(counts) == 1 else configured
+
+
 def _check_finite(model: nn.Module, optimizer: torch.optim.Optimizer) -> str | None:
     """The name of the first non-finite parameter, buffer or optimizer-state tensor, or None."""
     for name, tensor in [*model.state_dict().items()]:
@@ -262,6 +273,11 @@ class _Trainer:
         folder = _run_folder(self.config, self.explicit)
         if folder is None:
             folder = _default_run_dir(self.config)
+        fresh = not self.config.resume or (self.config.resume == "auto" and ckpt.latest_checkpoint(folder) is None)
+        if fresh and not self.config.init:  # before the run folder is made (and after checking it can be)
+            if self.dist.main:
+                check_writable(folder, folder=True)
+            self._preflight()
         self.run_dir = run_dir = Path(runtime.broadcast_object(str(folder), self.dist))
         lock = folder_lock(run_dir, "run folder") if self.dist.main else contextlib.nullcontext()
         with lock:  # the checkpoint is read under the lock: no other process prunes or replaces it meanwhile
@@ -310,11 +326,40 @@ class _Trainer:
             self.start_step = 0
         return self._finish()
 
+    def _preflight(self) -> None:
+        """What can be checked against the data and the model before any folder is made or weight allocated: the
+        ``num_classes``/``in_chans`` of ``model_kwargs`` against the dataset, and the memory training needs."""
+        config = self.config
+        train_ds = self._train_dataset(config)
+        configuration.check_dataset_kwargs(config.model_kwargs, train_ds.num_classes, train_ds.in_chans, train_ds.name)
+        batch = config.batch_size
+        if config.global_batch_size is not None:
+            batch = max(config.global_batch_size // self.dist.world_size, 1)
+        args = configuration.model_args(config, train_ds.num_classes, train_ds.in_chans)
+        estimate = budget.estimate_training_memory(
+            config.model, args, (train_ds.in_chans, train_ds.image_size, train_ds.image_size), batch,
+            optimizer=config.optimizer, momentum=config.momentum, ema=config.ema_decay > 0)
+        device = runtime.resolve_device(config.device, self.dist.local_rank)
+        processes = budget.local_processes() if self.dist.enabled else 1
+        budget.check_training_memory(estimate, device, processes, what=f"{config.model} ({config.conv}, "
+                                     f"experts={config.experts}, width={config.width}, batch {batch})")
+
+    def _train_dataset(self, config: configuration.TrainConfig) -> ImageDataset:
+        """The training split (built once: :meth:`_preflight` and :meth:`_build_data` share it)."""
+        key = (config.dataset, config.data_dir, config.train_size, config.image_size, config.seed)
+        cached = self.__dict__.get("_train_ds_cache")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        train_ds = build_dataset(config.dataset, "train", data_dir=config.data_dir, train_size=config.train_size,
+                                 image_size=config.image_size, seed=config.seed)
+        self._train_ds_cache = (key, train_ds)
+        return train_ds
+
     # ---- data ------------------------------------------------------------------------------------------------
     def _build_data(self) -> None:
         config, dist = self.config, self.dist
-        train_ds = build_dataset(config.dataset, "train", data_dir=config.data_dir, train_size=config.train_size,
-                                 image_size=config.image_size, seed=config.seed)
+        train_ds = self._train_dataset(config)
+        self._train_ds_cache = None
         test_ds = build_dataset(config.dataset, "test", data_dir=config.data_dir, image_size=config.image_size,
                                 seed=config.seed)
         train_ds, test_ds = self._checked(train_ds, test_ds)
@@ -375,6 +420,7 @@ class _Trainer:
             model = ckpt.build_model(config.model, args)
         self.params = sum(p.numel() for p in model.parameters())
         saved = config.to_dict()
+        saved.update(experts=_built_experts(model, config.experts), params=self.params)  # what the model really has
         if conversions:
             saved["convert"] = conversions
         saved.update(model_args=args, num_classes=train_ds.num_classes, in_chans=train_ds.in_chans,
