@@ -8,7 +8,9 @@ of numeric options, run folders whose config.yaml changed, clear messages, and a
 from __future__ import annotations
 
 import re
+import shutil
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -344,3 +346,56 @@ def test_the_memory_estimate_counts_the_parameters_of_the_model_it_would_build()
     assert estimate.weights >= 2 * 4 * params and estimate.activations > 4 * 4 * 32 * 32  # at least the input
     sgd = estimate_training_memory("mobilenet_v1_cifar", args, (1, 32, 32), 8, optimizer="sgd", momentum=0.0)
     assert sgd.optimizer == 0 and sgd.activations > estimate.activations  # twice the batch
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 4. a run folder whose config.yaml no longer matches the run
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def one_epoch_run(tmp_path_factory) -> Path:
+    """A finished 1-epoch run (2 steps)."""
+    out = tmp_path_factory.mktemp("drift") / "run"
+    assert main(["train", *TINY, "--epochs", "1", "--out", str(out)]) == 0
+    return out
+
+
+def _edited(run: Path, tmp_path: Path, **changes) -> Path:
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    config = yaml.safe_load((copy / "config.yaml").read_text())
+    config.update(changes)
+    (copy / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    return copy
+
+
+def test_an_edited_config_is_refused_by_resume_and_eval_naming_the_keys(one_epoch_run, tmp_path, capsys):
+    run = _edited(one_epoch_run, tmp_path, epochs=2)
+    weights = (run / "model.safetensors").read_bytes()
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 2
+    message = _error(capsys, "train")
+    assert "config.yaml no longer matches the checkpoint" in message and "epochs (1 -> 2)" in message, message
+    assert "--accept-config-change" in message
+    assert main(["eval", str(run), "--no-progress"]) == 2
+    message = _error(capsys, "eval")
+    assert "epochs (1 -> 2)" in message and "--accept-config-change" in message, message
+    assert (run / "model.safetensors").read_bytes() == weights
+    assert main(["eval", str(run), "--no-progress", "--accept-config-change"]) == 0
+
+
+def test_accepting_a_raised_epochs_trains_the_extra_epochs(one_epoch_run, tmp_path, capsys):
+    run = _edited(one_epoch_run, tmp_path, epochs=2)
+    assert main(["train", "--resume", str(run), "--no-progress", "--accept-config-change"]) == 0
+    assert "steps 4 " in capsys.readouterr().out  # 2 more steps: the second epoch
+    assert yaml.safe_load((run / "config.yaml").read_text())["epochs"] == 2
+    assert main(["eval", str(run), "--no-progress"]) == 0  # config.yaml and the weights agree again
+
+
+def test_keys_that_cannot_change_on_resume_are_refused_even_when_accepting(one_epoch_run, tmp_path, capsys):
+    run = _edited(one_epoch_run, tmp_path, lr=0.2, epochs=2)
+    for command in ("train", "eval"):
+        argv = ["train", "--resume", str(run)] if command == "train" else ["eval", str(run)]
+        assert main([*argv, "--no-progress", "--accept-config-change"]) == 2
+        message = _error(capsys, command)
+        assert "lr (0.05 -> 0.2)" in message and "restore lr in it" in message, message
+    with pytest.raises(ValueError, match=r"no longer matches .*lr \(0.05 -> 0.2\)"):
+        condconv.evaluate_checkpoint(run)

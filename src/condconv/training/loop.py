@@ -54,7 +54,7 @@ from condconv.data.augment import build_augment
 from condconv.nn.routing import TemperatureSchedule, set_temperature
 from condconv.training.ema import ModelEma
 from condconv.training.optim import build_optimizer, build_scheduler
-from condconv.training.runlog import RunLogs, write_if_changed
+from condconv.training.runlog import RunLogs, config_drift, describe_drift, recorded_config, write_if_changed
 from condconv.utils.checks import OptionError
 from condconv.utils.fileio import check_writable, folder_lock
 
@@ -126,6 +126,7 @@ def train_model(
     *,
     explicit: Iterable[str] | None = None,
     on_step: Callable[[TrainProgress], None] | None = None,
+    accept_config_change: bool = False,
     **overrides: Any,
 ) -> TrainResult:
     """Train a model; see :class:`~condconv.training.config.TrainConfig` for every option.
@@ -136,6 +137,11 @@ def train_model(
             default: every option that differs from the defaults).
         on_step: called with a :class:`TrainProgress` after every optimizer step (after that step's checkpoint, if
             one is due), e.g. to drive a progress display.
+        accept_config_change: on resume, the run folder's ``config.yaml`` is compared with the configuration recorded
+            in the checkpoint; a difference is an error naming the keys unless this is True and every changed key
+            may change on resume (``TrainConfig.RESUME_MUTABLE``: ``epochs``, ``eval_every``...), whose edited values
+            are then taken (an ``epochs`` raised in a finished run's ``config.yaml`` trains the extra epochs). Options
+            given explicitly win over the file. Default False.
         **overrides: more options, e.g. ``train_model(epochs=3, experts=8)``.
 
     Returns:
@@ -158,7 +164,7 @@ def train_model(
         explicit = [f.name for f in dataclasses.fields(configuration.TrainConfig)
                     if getattr(config, f.name) != getattr(defaults, f.name)]
     with runtime.distributed(runtime.device_kind(config.device)) as dist_info:
-        return _Trainer(config, list(explicit), dist_info, on_step).run()
+        return _Trainer(config, list(explicit), dist_info, on_step, accept_config_change).run()
 
 
 def _default_run_dir(config: configuration.TrainConfig) -> Path:
@@ -260,8 +266,9 @@ class _Trainer:
     """One training run, in named steps: open the run, data, model, optimisation, restore, epochs, finish."""
 
     def __init__(self, config: configuration.TrainConfig, explicit: list[str], dist_info: runtime.DistInfo,
-                 on_step: Callable[[TrainProgress], None] | None) -> None:
+                 on_step: Callable[[TrainProgress], None] | None, accept_config_change: bool = False) -> None:
         self.config, self.explicit, self.dist, self.on_step = config, explicit, dist_info, on_step
+        self.accept_config_change = bool(accept_config_change)
         self.t_start = time.perf_counter()
         self.epoch_stats = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
         self.history: list[dict[str, Any]] = []
@@ -292,6 +299,7 @@ class _Trainer:
                 if str(meta.get("global_step")) != str(state.get("global_step")):
                     raise ValueError(f"mismatched checkpoint {resume_ck}: weights are from step "
                                      f"{meta.get('global_step')}, state from step {state.get('global_step')}")
+                self._take_config_changes(resume_ck)
                 self.config = _merge_resume_config(state, self.config, self.explicit, resume_ck)
             if (run_dir / "checkpoints" / "latest").exists() and (
                     resume_ck is None or resume_ck.parent.parent.resolve() != run_dir.resolve()):
@@ -301,6 +309,27 @@ class _Trainer:
             self.device = runtime.resolve_device(self.config.device, self.dist.local_rank)
             with runtime.run_settings(self.config.seed, device=self.device, deterministic=self.config.deterministic):
                 return self._train(resume_ck, state, weights)
+
+    def _take_config_changes(self, resume_ck: Path) -> None:
+        """Compare the run folder's ``config.yaml`` with the checkpoint's record: refuse a difference (naming the keys),
+        or, with ``accept_config_change``, take the edited values of keys that may change on resume."""
+        config_file = resume_ck.parent.parent / "config.yaml"
+        drift = config_drift(config_file, recorded_config(resume_ck / "model.safetensors"))
+        drift = {k: v for k, v in drift.items() if k not in self.explicit}  # given options state the intent
+        if not drift:
+            return
+        fixed = [k for k in drift if k not in configuration.TrainConfig.RESUME_MUTABLE]
+        if fixed or not self.accept_config_change:
+            advice = (f"restore {', '.join(fixed[:4])} in it (they cannot change on resume; to train a changed copy, "
+                      "start from the checkpoint with init)" if fixed else
+                      "restore it, or pass accept_config_change to train with the edited values")
+            raise OptionError("accept_config_change", f"{config_file} no longer matches the checkpoint {resume_ck}: "
+                              f"{describe_drift(drift)}: {advice}", mentions=("init",))
+        taken = {k: new for k, (_, new) in drift.items() if k not in self.explicit}
+        if taken:
+            logger.warning("taking the edited %s from %s", describe_drift({k: drift[k] for k in taken}), config_file)
+            self.config = dataclasses.replace(self.config, **taken)
+            self.explicit = [*self.explicit, *taken]
 
     def _train(self, resume_ck: Path | None, state: dict | None, weights: dict | None) -> TrainResult:
         config = self.config
