@@ -7,8 +7,11 @@ of numeric options, run folders whose config.yaml changed, clear messages, and a
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -18,7 +21,7 @@ import yaml
 
 import condconv
 import condconv.models.checkpoint
-from condconv.cli import build_parser, main
+from condconv.cli import COMMANDS, SUMMARIES, build_parser, main
 from condconv.cli.commands.options import config_from_args
 from condconv.models.checkpoint import load_checkpoint
 from condconv.nn import functional as engine
@@ -27,6 +30,7 @@ from condconv.training.config import TrainConfig, model_args
 from condconv.training.sweep import sweep_grid
 
 LAYER_CLASSES = (CondConv2d, DynamicConv2d, ODConv2d)
+SRC = Path(condconv.__file__).resolve().parents[1]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -399,3 +403,91 @@ def test_keys_that_cannot_change_on_resume_are_refused_even_when_accepting(one_e
         assert "lr (0.05 -> 0.2)" in message and "restore lr in it" in message, message
     with pytest.raises(ValueError, match=r"no longer matches .*lr \(0.05 -> 0.2\)"):
         condconv.evaluate_checkpoint(run)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 5. clear messages from the command line
+# ---------------------------------------------------------------------------------------------------------------
+def test_a_weights_file_that_does_not_fit_names_the_file_and_the_first_keys(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    args = {"num_classes": 10, "width_mult": 0.25}
+    state = {k: v.contiguous() for k, v in condconv.create_model("resnet18_cifar", **args).state_dict().items()}
+    first = next(iter(state))
+    del state[first]
+    state["extra.weight"] = torch.zeros(1)
+    state["head.fc.weight"] = torch.zeros(3, state["head.fc.weight"].shape[1])
+    bad = tmp_path / "bad.safetensors"
+    save_file(state, str(bad))
+    out = tmp_path / "cc"
+    assert main(["convert", "resnet18_cifar", "--model-kwargs", "num_classes=10", "width_mult=0.25",
+                 "--weights", str(bad), "--out", str(out)]) == 2
+    message = _error(capsys, "convert")
+    assert f"weights file {bad} does not match the model" in message, message
+    assert f"missing ['{first}']" in message and "unexpected ['extra.weight']" in message
+    assert "head.fc.weight: (3, 128) vs model (10, 128)" in message
+    assert not out.exists()
+
+
+def _condconv(*argv: str, stdout=None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(SRC) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-m", "condconv.cli", *argv], stdout=stdout or subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, env=env, timeout=300)
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["macs", "resnet18_cifar", "--width", "0.25", "--input-size", "32"]])
+def test_a_closed_pipe_ends_the_command_quietly(argv):
+    """``condconv ... | head``: the reader is gone before the first line; no message, exit status 0."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        done = _condconv(*argv, stdout=write)
+    finally:
+        os.close(write)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 6. --help and --version without torch
+# ---------------------------------------------------------------------------------------------------------------
+_NO_TORCH = """
+import sys
+from condconv.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit:
+    pass
+heavy = [name for name in ("torch", "numpy", "condconv.nn", "condconv.training") if name in sys.modules]
+print("imported:", heavy, file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize("argv", [["--version"], ["--help"], ["-v", "--version"], []])
+def test_help_and_version_import_neither_torch_nor_the_library(argv):
+    env = dict(os.environ, PYTHONPATH=str(SRC) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    done = subprocess.run([sys.executable, "-c", _NO_TORCH, *argv], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert "imported: []" in done.stderr, done.stderr
+    if argv and argv[-1] == "--version":
+        assert done.stdout.strip() == f"condconv {condconv.__version__}"
+    if argv == ["--help"]:
+        assert all(name in done.stdout for name, _ in COMMANDS)
+
+
+def test_python_m_condconv_cli_answers_version_and_help():
+    assert _condconv("--version").stdout.strip() == f"condconv {condconv.__version__}"
+    assert "train" in _condconv("--help").stdout
+
+
+def test_the_torch_free_summaries_are_the_commands_help():
+    import importlib
+
+    for name, module in COMMANDS:
+        assert SUMMARIES[name] == importlib.import_module(module).HELP, name
+    assert list(SUMMARIES) == [name for name, _ in COMMANDS]
+
+
+def test_an_unknown_subcommand_is_reported_without_loading_the_commands(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["trian"])
+    assert info.value.code == 2 and "invalid choice: 'trian'" in capsys.readouterr().err
