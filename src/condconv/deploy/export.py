@@ -212,24 +212,7 @@ def export_model(
                          "statistics and dropout active")
     size = _check_input_size(input_size)
     batch_size, dynamic_batch = _resolve_batch(batch_size, dynamic_batch)
-    if opset is not None and (isinstance(opset, bool) or not isinstance(opset, int)):
-        raise TypeError(f"opset must be an int or None, got {opset!r}")
-    chosen = exporter == "auto"
-    if chosen:
-        exporter = _auto_exporter(opset if format == "onnx" else None)
-        if format == "onnx" and exporter == "torchscript":
-            why = f"for opset {opset}" if onnx_dynamo_available() else \
-                "pip install onnxscript for torch.onnx.export(dynamo=True)"
-            logger.info("using the TorchScript-based ONNX exporter (%s)", why)
-    if format == "onnx" and opset is not None:
-        low, high = onnx_opset_range(exporter)
-        if not low <= opset <= high:
-            if chosen:
-                ranges = ", ".join(f"{name} {a} to {b}" for name in ("dynamo", "torchscript")
-                                   for a, b in [onnx_opset_range(name)])
-                raise OptionError("opset", f"opset {opset} is outside what the ONNX exporters write here ({ranges})")
-            raise OptionError("opset", f"opset {opset} is outside what the {exporter} ONNX exporter writes here ({low} "
-                              f"to {high}){_other_exporter_hint(exporter, opset)}", mentions=("exporter",))
+    exporter = _resolve_exporter(format, exporter, opset)
     jit = format == "torchscript" or (format == "onnx" and exporter == "torchscript")
     path = Path(path)
     check_writable(path)
@@ -260,6 +243,29 @@ def export_model(
         sizes = verify_batch_sizes if dynamic_batch else (batch_size,)
         verify_export(path, model, input_size=size, batch_sizes=sizes, format=format)
     return path
+
+
+def _resolve_exporter(format: str, exporter: str, opset: int | None) -> str:
+    """The ONNX exporter to use (``'auto'`` resolved), after checking that it writes ``opset`` (before any work)."""
+    if opset is not None and (isinstance(opset, bool) or not isinstance(opset, int)):
+        raise TypeError(f"opset must be an int or None, got {opset!r}")
+    chosen = exporter == "auto"
+    if chosen:
+        exporter = _auto_exporter(opset if format == "onnx" else None)
+        if format == "onnx" and exporter == "torchscript":
+            why = f"for opset {opset}" if onnx_dynamo_available() else \
+                "pip install onnxscript for torch.onnx.export(dynamo=True)"
+            logger.info("using the TorchScript-based ONNX exporter (%s)", why)
+    if format == "onnx" and opset is not None:
+        low, high = onnx_opset_range(exporter)
+        if not low <= opset <= high:
+            if chosen:
+                ranges = ", ".join(f"{name} {a} to {b}" for name in ("dynamo", "torchscript")
+                                   for a, b in [onnx_opset_range(name)])
+                raise OptionError("opset", f"opset {opset} is outside what the ONNX exporters write here ({ranges})")
+            raise OptionError("opset", f"opset {opset} is outside what the {exporter} ONNX exporter writes here ({low} "
+                              f"to {high}){_other_exporter_hint(exporter, opset)}", mentions=("exporter",))
+    return exporter
 
 
 def onnx_opset_range(exporter: str) -> tuple[int, int]:
