@@ -197,6 +197,16 @@ def test_sweep_refuses_repeated_or_out_of_range_grid_values(grid, flag, tmp_path
     assert not out.exists()
 
 
+@pytest.mark.parametrize("extra", [["--conv", "static"],
+                                   ["--model-kwargs", "dynamic_blocks=0", "dynamic_classifier=false"]])
+def test_a_grid_point_whose_model_has_other_experts_is_refused_before_training(extra, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    assert main(["sweep", *GRID, "--experts", "1", "2", *extra, "--out", str(out)]) == 2
+    message = _error(capsys, "sweep")
+    assert "--experts 2 cannot be trained with these settings: the model built for it" in message, message
+    assert not (out / "runs").exists() and not (out / "sweep.json").exists()
+
+
 def test_num_classes_must_match_the_dataset_before_any_folder(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", *TINY, "--epochs", "1", "--model-kwargs", "num_classes=3", "--out", str(out)]) == 2

@@ -365,9 +365,13 @@ class _Trainer:
         if config.global_batch_size is not None:
             batch = max(config.global_batch_size // self.dist.world_size, 1)
         args = configuration.model_args(config, train_ds.num_classes, train_ds.in_chans)
-        estimate = budget.estimate_training_memory(
-            config.model, args, (train_ds.in_chans, train_ds.image_size, train_ds.image_size), batch,
-            optimizer=config.optimizer, momentum=config.momentum, ema=config.ema_decay > 0)
+        try:
+            estimate = budget.estimate_training_memory(
+                config.model, args, (train_ds.in_chans, train_ds.image_size, train_ds.image_size), batch,
+                optimizer=config.optimizer, momentum=config.momentum, ema=config.ema_decay > 0)
+        except Exception as exc:  # noqa: BLE001 - a model the meta device cannot build: the real build reports it
+            logger.debug("no memory estimate for %s: %s", config.model, exc)
+            return
         device = runtime.resolve_device(config.device, self.dist.local_rank)
         processes = budget.local_processes() if self.dist.enabled else 1
         budget.check_training_memory(estimate, device, processes, what=f"{config.model} ({config.conv}, "

@@ -178,11 +178,17 @@ def summarize_runs(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def _macs_params(model_name: str, args: Mapping[str, Any], input_size: tuple[int, int, int]) -> tuple[int, int]:
+def _macs_params(model_name: str, args: Mapping[str, Any], input_size: tuple[int, int, int]
+                 ) -> tuple[int, int, int]:
+    """Multiply-adds and parameters of the model ``args`` build, and its expert count (1: no dynamic layer)."""
+    from condconv.nn.layers import DynamicConvBase
+
     with torch.device("meta"):  # shapes only: no weights are allocated
         model = build_model(model_name, args)
     report = count_macs(model, input_size=input_size)
-    return int(report.macs), int(report.params)
+    counts = {m.num_experts for m in model.modules() if isinstance(m, DynamicConvBase)}
+    experts = max(counts) if counts else 1
+    return int(report.macs), int(report.params), experts
 
 
 def sweep_config(base: TrainConfig | Mapping[str, Any] | None = None) -> TrainConfig:
@@ -313,7 +319,11 @@ class _Sweep:
             if (w, e) not in costs:
                 cfg = _grid_config(base, w, e, 0, self.out_dir)
                 args = model_args(cfg, train.num_classes, train.in_chans)
-                costs[(w, e)] = _macs_params(cfg.model, args, size)
+                macs, params, built = _macs_params(cfg.model, args, size)
+                if built != e:  # e.g. --conv static, or model_kwargs that leave no dynamic layer
+                    raise OptionError("experts", f"experts {e} cannot be trained with these settings: the model built "
+                                      f"for it (conv={cfg.conv}) has {built if built > 1 else 'no'} experts")
+                costs[(w, e)] = (macs, params)
                 estimate = budget.estimate_training_memory(cfg.model, args, size, base.batch_size,
                                                            optimizer=base.optimizer, momentum=base.momentum,
                                                            ema=base.ema_decay > 0)
@@ -326,11 +336,11 @@ class _Sweep:
     def run(self, plan: list[tuple[float, int, int]], t0: float) -> SweepResult:
         from tqdm import tqdm
 
+        costs, steps_per_run = self._costs(plan)  # refuses a grid point that cannot be trained, before any file
         self._check_settings()
         rows = _read_csv(self.runs_csv)
         done = {_key(r) for r in rows}
         todo = [(w, e, s) for w, e, s in plan if _key(_point(self.base, w, e, s)) not in done]
-        costs, steps_per_run = self._costs(plan)
         bar = tqdm(total=len(todo) * steps_per_run, desc="sweep", unit="step", dynamic_ncols=True,
                    disable=not (self.progress and self.dist.main))
         train_logger = logging.getLogger("condconv.training.loop")
