@@ -501,3 +501,18 @@ def test_an_unknown_subcommand_is_reported_without_loading_the_commands(capsys):
     with pytest.raises(SystemExit) as info:
         main(["trian"])
     assert info.value.code == 2 and "invalid choice: 'trian'" in capsys.readouterr().err
+
+
+def test_config_drift_compares_what_both_records_hold(tmp_path):
+    from condconv.training.runlog import config_drift, describe_drift
+
+    recorded = {"epochs": 8, "lr": 0.05, "mean": (0.5,), "out": "a", "segments": [{"epochs": 8}], "params": 10}
+    path = tmp_path / "config.yaml"
+    assert config_drift(path, recorded) == {}  # no config.yaml: nothing to compare
+    path.write_text(yaml.safe_dump({"epochs": 10, "lr": 0.05, "mean": [0.5], "out": "b",
+                                    "segments": [{"epochs": 10}], "extra_from_a_newer_version": 1}))
+    drift = config_drift(path, recorded)
+    assert drift == {"epochs": (8, 10)} and describe_drift(drift) == "epochs (8 -> 10)"
+    path.write_text("- not a mapping\n")
+    with pytest.raises(ValueError, match=f"malformed run config {path}"):
+        config_drift(path, recorded)

@@ -45,7 +45,8 @@ def config_drift(config_file: Path, recorded: dict[str, Any]) -> dict[str, tuple
         recorded: the configuration stored with the weights (:func:`condconv.load_checkpoint`'s ``config``).
 
     Returns:
-        ``{key: (recorded value, config.yaml value)}``; a key missing on one side has ``None`` there.
+        ``{key: (recorded value, config.yaml value)}`` over the keys both hold (a key only one holds comes from
+        another version of condconv, which records more or fewer derived values, and is not an edit that matters).
 
     Raises:
         ValueError: ``config.yaml`` cannot be read or is not a mapping (naming the file).
@@ -61,8 +62,8 @@ def config_drift(config_file: Path, recorded: dict[str, Any]) -> dict[str, tuple
     if not isinstance(edited, dict):
         raise ValueError(f"malformed run config {config_file}: expected a mapping, got {type(edited).__name__}")
     edited, recorded = _plain(edited), _plain(recorded)
-    return {k: (recorded.get(k), edited.get(k)) for k in sorted(set(edited) | set(recorded))
-            if k not in _UNCOMPARED and edited.get(k) != recorded.get(k)}
+    return {k: (recorded[k], edited[k]) for k in sorted(set(edited) & set(recorded))
+            if k not in _UNCOMPARED and edited[k] != recorded[k]}
 
 
 def recorded_config(weights: Path) -> dict[str, Any]:
