@@ -516,3 +516,11 @@ def test_config_drift_compares_what_both_records_hold(tmp_path):
     path.write_text("- not a mapping\n")
     with pytest.raises(ValueError, match=f"malformed run config {path}"):
         config_drift(path, recorded)
+
+
+def test_export_reports_the_opset_the_file_declares(tmp_path, capsys):
+    pytest.importorskip("onnx")
+    out = tmp_path / "m.onnx"
+    assert main(["export", "resnet18_cifar", "--model-kwargs", "num_classes=10", "width_mult=0.25", "--opset", "17",
+                 "--out", str(out)]) == 0
+    assert "ONNX opset 17) to" in capsys.readouterr().out
