@@ -37,7 +37,9 @@ class TrainConfig:
         experts: number of experts (None: the layer's default; ignored for 'static').
         width: width multiplier (None: the model's default).
         dropout: dropout before the classifier (None: the model's default).
-        model_kwargs: further keyword arguments of ``create_model``.
+        model_kwargs: further keyword arguments of ``create_model``; not those an option sets (``width_mult``,
+            ``num_experts``, ``conv``, ``dropout``: refused naming the option), and ``num_classes``/``in_chans`` only
+            with the dataset's values.
         init: start from the weights of a ``condconv train`` or ``condconv convert`` checkpoint (fine-tuning); the
             architecture (model, conv, experts, width, conversions) is then the checkpoint's. It must stay
             available to resume the run.
@@ -53,6 +55,8 @@ class TrainConfig:
         weight_decay (not applied to biases and norm parameters), warmup_epochs (linear warm-up, then cosine to
         min_lr, per step), label_smoothing, mixup (Beta(alpha, alpha); 0 = off), grad_clip (max norm; None = off),
         freeze_bn (BatchNorm layers use running statistics; their affine parameters still train), sync_bn (CUDA).
+        Relations checked by :meth:`validate`: momentum in [0, 1), min_lr <= lr, warmup_epochs <= epochs,
+        lr_milestones strictly increasing, seed in [0, 2**32 - 1].
     Dynamic convolutions:
         temperature_start, temperature_end, temperature_epochs: linear annealing of the routers' softmax
         temperature over the first ``temperature_epochs`` epochs' iterations (the papers: 10 epochs). None = 10% of
