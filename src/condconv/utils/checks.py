@@ -55,7 +55,13 @@ def flag(option: str) -> str:
 def is_integer(value: object) -> bool:
     """Whether ``value`` is an integer as :class:`torch.nn.Conv2d` takes one: a Python or numpy int, or anything with
     ``__index__`` (bools and floats are not)."""
-    return not isinstance(value, bool) and hasattr(type(value), "__index__")
+    if isinstance(value, bool) or not hasattr(type(value), "__index__"):
+        return False
+    try:
+        operator.index(value)  # e.g. a float tensor has __index__ but refuses it
+    except TypeError:
+        return False
+    return True
 
 
 def positive_int(value: object, name: str) -> int:
