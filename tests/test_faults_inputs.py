@@ -225,6 +225,7 @@ def test_config_summary_and_runs_record_the_model_that_was_built(tmp_path, capsy
     model, _ = load_checkpoint(out)
     params = sum(p.numel() for p in model.parameters())
     assert saved["experts"] is None and saved["params"] == params and saved["width"] == 0.25
+    assert saved["train_size"] == 32 and saved["train_images"] == 32
     assert "(static, experts=None, width=0.25)" in summary and f"params {params:,}" in summary
     # the recorded config can be given back as options: the same model
     config, _ = config_from_args(build_parser().parse_args(["train", "--config", str(out / "config.yaml")]))

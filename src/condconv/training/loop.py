@@ -457,6 +457,7 @@ class _Trainer:
         if conversions:
             saved["convert"] = conversions
         saved.update(model_args=args, num_classes=train_ds.num_classes, in_chans=train_ds.in_chans,
+                     train_images=len(train_ds),  # what train_size gave (all images when it asks for more)
                      image_size=train_ds.image_size, classes=list(train_ds.classes), mean=list(train_ds.mean),
                      std=list(train_ds.std), dataset_name=train_ds.name)
         self.saved_config = saved
