@@ -20,7 +20,7 @@ def _small(name: str, tmp_path, **more) -> TrainConfig:
     small = {"dataset": "digits", "train_size": 32, "global_batch_size": None, "batch_size": 8, "epochs": 2,
              "warmup_epochs": min(options.get("warmup_epochs", 0), 1), "eval_every": 1, "progress": False,
              "out": str(tmp_path / name), "workers": 0,
-             "model_kwargs": {**options.get("model_kwargs", {}), "width_mult": 0.25},
+             "width": 0.25,
              "temperature_epochs": 1 if options["temperature_epochs"] else 0}
     return TrainConfig.from_recipe(name, **{**small, **more})
 
@@ -80,7 +80,7 @@ def test_cli_recipe_and_overrides(tmp_path, capsys):
     assert "odconv-resnet" in capsys.readouterr().out
     out = tmp_path / "run"
     argv = ["train", "--recipe", "odconv-resnet", "--dataset", "digits", "--train-size", "16", "--global-batch-size",
-            "8", "--epochs", "1", "--model-kwargs", "width_mult=0.25", "--temperature-epochs", "1", "--no-progress",
+            "8", "--epochs", "1", "--width", "0.25", "--temperature-epochs", "1", "--no-progress",
             "--out", str(out)]
     assert main(argv) == 0
     _, cfg = load_checkpoint(out)

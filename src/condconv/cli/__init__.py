@@ -2,7 +2,9 @@
 
 Each subcommand is a module of :mod:`condconv.cli.commands` with ``HELP``, ``add_arguments(parser)`` and
 ``run(args) -> int``; this file is the entry point, the table that wires them, and the one place that turns errors
-into one-line messages. This folder is the only one that uses argparse and the top of the import order
+into one-line messages. It imports neither torch nor the library: :func:`main` imports only the module of the
+subcommand it runs, so ``condconv --help`` and ``condconv --version`` answer at once (:data:`SUMMARIES` holds the
+subcommands' one-line help for the list). This folder is the only one that uses argparse and the top of the import order
 (utils <- nn <- models <- data <- deploy <- training <- bench <- cli).
 """
 
@@ -12,12 +14,14 @@ import argparse
 import difflib
 import importlib
 import logging
+import os
 import sys
+from collections.abc import Iterable
 
 from condconv import __version__
 from condconv.utils.checks import OptionError
 
-__all__ = ["COMMANDS", "build_parser", "main"]
+__all__ = ["COMMANDS", "SUMMARIES", "build_parser", "main"]
 
 #: (subcommand, module): every entry must import (a broken command is an error, not a missing subcommand).
 COMMANDS: tuple[tuple[str, str], ...] = (
@@ -30,6 +34,18 @@ COMMANDS: tuple[tuple[str, str], ...] = (
     ("export", "condconv.cli.commands.export"),
     ("convert", "condconv.cli.commands.convert"),
 )
+
+#: Each subcommand's ``HELP``, for ``condconv --help`` without importing the command modules (a test keeps them equal).
+SUMMARIES: dict[str, str] = {
+    "train": "train a registered model (embedded digits by default, CIFAR, ImageFolder)",
+    "eval": "evaluate a checkpoint: top-1/top-5, loss, per-class accuracy, images/s",
+    "sweep": "width x experts grid -> CSV + MACs-vs-accuracy figure",
+    "routing": "mean routing weights per class for each dynamic layer -> heatmap PNG",
+    "macs": "per-image multiply-adds and parameters of registered models",
+    "bench": "latency of dynamic layers (per strategy) and models (per runtime) against static twins",
+    "export": "export a model or checkpoint to ONNX / TorchScript / ExportedProgram",
+    "convert": "convert the Conv2d layers of a registered model or checkpoint",
+}
 
 # third-party loggers that are noisy at DEBUG/INFO level: kept at WARNING even with --verbose
 _QUIET_LOGGERS = ("matplotlib", "PIL", "fsspec", "filelock", "urllib3", "asyncio", "onnxscript", "onnx_ir")
@@ -44,12 +60,17 @@ def _common_options() -> argparse.ArgumentParser:
     return common
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentParser:
     """The parser of every subcommand.
+
+    Args:
+        commands: the subcommands whose modules are imported and whose arguments are added (default: all); the
+            others are listed with their :data:`SUMMARIES` only.
 
     Raises:
         ImportError: a command module cannot be imported (it names the module).
     """
+    wanted = None if commands is None else set(commands)
     common = _common_options()
     parser = argparse.ArgumentParser(
         prog="condconv", parents=[common], allow_abbrev=False,
@@ -58,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     parser.set_defaults(_commands={})
     for name, module_name in COMMANDS:
+        if wanted is not None and name not in wanted:
+            sub.add_parser(name, help=SUMMARIES[name], description=SUMMARIES[name], parents=[common],
+                           allow_abbrev=False)
+            continue
         module = importlib.import_module(module_name)
         command = sub.add_parser(name, help=module.HELP, description=module.HELP, parents=[common],
                                  allow_abbrev=False)
@@ -65,6 +90,16 @@ def build_parser() -> argparse.ArgumentParser:
         command.set_defaults(_run=module.run)
         parser.get_default("_commands")[name] = command
     return parser
+
+
+def _subcommand(argv: list[str]) -> str | None:
+    """The subcommand ``argv`` names (the first word that is not an option; the common options take no value)."""
+    for word in argv:
+        if word == "--":
+            return None
+        if not word.startswith("-"):
+            return word if word in SUMMARIES else None
+    return None
 
 
 def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
@@ -93,17 +128,39 @@ def _one_line(exc: BaseException) -> str:
     return lines[0] if len(lines) == 1 else f"{lines[0]} (run with -v for the full message)"
 
 
+def _quiet_stdout() -> None:
+    """After a closed pipe (``condconv ... | head``): point stdout at the null device so that the flush at exit does
+    not fail again (what Python's documentation of SIGPIPE advises)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # stdout without a file descriptor (captured)
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run ``condconv`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit code (2 on an error)."""
-    args = _parse(build_parser(), argv)
+    """Run ``condconv`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit code (2 on an error, 0 when the
+    reader of the output went away, as ``condconv ... | head`` does)."""
+    try:
+        return _main(list(sys.argv[1:] if argv is None else argv))
+    except BrokenPipeError:
+        _quiet_stdout()
+        return 0
+
+
+def _main(argv: list[str]) -> int:
+    command = _subcommand(argv)
+    args = _parse(build_parser(() if command is None else (command,)), argv)
     verbose = bool(getattr(args, "verbose", False))
     _setup_logging(verbose)
     try:
         code = args._run(args)
+    except BrokenPipeError:
+        raise
     except KeyboardInterrupt:
         print(f"condconv {args.command}: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, TypeError, OSError, RuntimeError, ImportError) as exc:
+    except (ValueError, TypeError, OSError, RuntimeError, ImportError, MemoryError) as exc:
         if verbose:
             raise
         print(f"condconv {args.command}: error: {_one_line(exc)}", file=sys.stderr)

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from condconv.nn.functional import get_default_strategy, use_strategy
 from condconv.nn.layers import DynamicConvBase, spatial_ranks
 from condconv.nn.ops.context import static_batch
+from condconv.utils.checks import OptionError
 from condconv.utils.fileio import atomic_output, check_writable
 
 __all__ = [
@@ -44,6 +45,8 @@ __all__ = [
     "export_model",
     "load_exported",
     "onnx_dynamo_available",
+    "onnx_file_opset",
+    "onnx_opset_range",
     "verify_export",
 ]
 
@@ -181,7 +184,9 @@ def export_model(
             (``torch.export.export`` then ``torch.export.save``).
         input_size: ``(C, H, W)`` of the example input (``(C, L)`` / ``(C, D, H, W)`` for a model of 1-D / 3-D
             convolutions); the spatial size is fixed in the exported graph.
-        opset: ONNX opset (``None``: the exporter's default; 17 for the TorchScript-based exporter).
+        opset: ONNX opset (``None``: the exporter's default; 17 for the TorchScript-based exporter). It must be in
+            :func:`onnx_opset_range` of the exporter (``'auto'`` takes the TorchScript-based one for opsets the dynamo
+            exporter does not write), and the written file declares exactly this opset (checked when read back).
         batch_size: ``None`` (default): any batch size (traced with 2 examples). An int: the graph is fixed to that
             many images (a static batch; ``dynamic_batch=True`` instead traces with that many and keeps the axis
             dynamic, which needs at least 2).
@@ -199,30 +204,15 @@ def export_model(
         The written path.
 
     Raises:
-        ValueError: training mode, unknown format/exporter, bad sizes, a batch-dependent ``strategy``.
+        ValueError: training mode, unknown format/exporter, bad sizes, a batch-dependent ``strategy``, an opset the
+            exporter does not write (before any work) or that it did not write (no file is left).
         ImportError: ``exporter='dynamo'`` without onnxscript, or ``verify`` of ONNX without onnxruntime.
         RuntimeError: ``verify`` found the exported model disagreeing with PyTorch.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if format not in EXPORT_FORMATS:
-        raise ValueError(f"format must be one of {tuple(EXPORT_FORMATS)}, got {format!r}")
-    if exporter not in ONNX_EXPORTERS:
-        raise ValueError(f"exporter must be one of {ONNX_EXPORTERS}, got {exporter!r}")
-    training = [name or "model" for name, m in model.named_modules() if m.training]
-    if training:
-        raise ValueError(f"model is in training mode ({', '.join(training[:3])}{', ...' if len(training) > 3 else ''}"
-                         "): call model.eval() before exporting, or BatchNorm would be exported with batch "
-                         "statistics and dropout active")
+    _check_export_args(model, format, exporter)
     size = _check_input_size(input_size, model)
     batch_size, dynamic_batch = _resolve_batch(batch_size, dynamic_batch)
-    if opset is not None and (isinstance(opset, bool) or not isinstance(opset, int) or opset < 7):
-        raise ValueError(f"opset must be an int >= 7 or None, got {opset!r}")
-    if exporter == "auto":
-        exporter = "dynamo" if onnx_dynamo_available() else "torchscript"
-        if format == "onnx" and exporter == "torchscript":
-            logger.info("onnxscript is not installed: using the TorchScript-based ONNX exporter "
-                        "(pip install onnxscript for torch.onnx.export(dynamo=True))")
+    exporter = _resolve_exporter(format, exporter, opset)
     jit = format == "torchscript" or (format == "onnx" and exporter == "torchscript")
     path = Path(path)
     check_writable(path)
@@ -236,6 +226,11 @@ def export_model(
             raise TypeError(f"export_model supports models returning one tensor, got {type(out).__name__}")
         if format == "onnx":
             _export_onnx(model, x, tmp, opset, dynamic_batch, exporter)
+            written = onnx_file_opset(tmp)
+            if opset is not None and written != opset:  # the file is not kept: the request is refused
+                raise OptionError("opset", f"opset {opset} was not written: the {exporter} ONNX exporter wrote "
+                                  f"opset {written} (its version converter could not convert this model)"
+                                  f"{_other_exporter_hint(exporter, opset)}", mentions=("exporter",))
         elif format == "torchscript":
             traced = _quiet_call(torch.jit.trace, model, (x,), check_trace=False)
             traced.save(str(tmp))
@@ -248,6 +243,103 @@ def export_model(
         sizes = verify_batch_sizes if dynamic_batch else (batch_size,)
         verify_export(path, model, input_size=size, batch_sizes=sizes, format=format)
     return path
+
+
+def _check_export_args(model: nn.Module, format: str, exporter: str) -> None:
+    """The model is an ``nn.Module`` in eval mode, ``format`` and ``exporter`` are known names."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if format not in EXPORT_FORMATS:
+        raise ValueError(f"format must be one of {tuple(EXPORT_FORMATS)}, got {format!r}")
+    if exporter not in ONNX_EXPORTERS:
+        raise ValueError(f"exporter must be one of {ONNX_EXPORTERS}, got {exporter!r}")
+    training = [name or "model" for name, m in model.named_modules() if m.training]
+    if training:
+        raise ValueError(f"model is in training mode ({', '.join(training[:3])}{', ...' if len(training) > 3 else ''}"
+                         "): call model.eval() before exporting, or BatchNorm would be exported with batch "
+                         "statistics and dropout active")
+
+
+def _resolve_exporter(format: str, exporter: str, opset: int | None) -> str:
+    """The ONNX exporter to use (``'auto'`` resolved), after checking that it writes ``opset`` (before any work)."""
+    if opset is not None and (isinstance(opset, bool) or not isinstance(opset, int)):
+        raise TypeError(f"opset must be an int or None, got {opset!r}")
+    chosen = exporter == "auto"
+    if chosen:
+        exporter = _auto_exporter(opset if format == "onnx" else None)
+        if format == "onnx" and exporter == "torchscript":
+            why = f"for opset {opset}" if onnx_dynamo_available() else \
+                "pip install onnxscript for torch.onnx.export(dynamo=True)"
+            logger.info("using the TorchScript-based ONNX exporter (%s)", why)
+    if format == "onnx" and opset is not None:
+        low, high = onnx_opset_range(exporter)
+        if not low <= opset <= high:
+            if chosen:
+                ranges = ", ".join(f"{name} {a} to {b}" for name in ("dynamo", "torchscript")
+                                   for a, b in [onnx_opset_range(name)])
+                raise OptionError("opset", f"opset {opset} is outside what the ONNX exporters write here ({ranges})")
+            raise OptionError("opset", f"opset {opset} is outside what the {exporter} ONNX exporter writes here ({low} "
+                              f"to {high}){_other_exporter_hint(exporter, opset)}", mentions=("exporter",))
+    return exporter
+
+
+def onnx_opset_range(exporter: str) -> tuple[int, int]:
+    """``(lowest, highest)`` ONNX opset that ``exporter`` (``'dynamo'`` or ``'torchscript'``) writes with the installed
+    torch and onnx.
+
+    The dynamo-based exporter builds its graph at the opset of its operator library (18 with torch 2.x) and converts
+    it to the requested one: up to the newest opset the installed ``onnx`` knows; down-conversion fails for many
+    models, and the exporter then writes opset 18 without an error, so older opsets are left to the TorchScript-based
+    exporter, which writes 7 to ``torch.onnx``'s maximum (23 with torch 2.13) directly.
+    """
+    if exporter == "dynamo":
+        try:
+            from torch.onnx._internal.exporter._constants import TORCHLIB_OPSET as low
+        except ImportError:  # pragma: no cover - another torch layout
+            low = 18
+        try:
+            import onnx
+
+            high = int(onnx.defs.onnx_opset_version())
+        except ImportError:  # pragma: no cover - onnx comes with onnxscript
+            high = low
+        return int(low), max(int(low), high)
+    try:
+        from torch.onnx._constants import ONNX_MAX_OPSET as high
+        from torch.onnx._constants import ONNX_MIN_OPSET as low
+    except ImportError:  # pragma: no cover - another torch layout
+        low, high = 7, 17
+    return int(low), int(high)
+
+
+def _auto_exporter(opset: int | None) -> str:
+    """``exporter='auto'``: dynamo when onnxscript is installed and it writes ``opset``, else TorchScript-based."""
+    if not onnx_dynamo_available():
+        return "torchscript"
+    low, high = onnx_opset_range("dynamo")
+    if opset is None or low <= opset <= high:
+        return "dynamo"
+    ts_low, ts_high = onnx_opset_range("torchscript")
+    return "torchscript" if ts_low <= opset <= ts_high else "dynamo"
+
+
+def _other_exporter_hint(exporter: str, opset: int) -> str:
+    other = "torchscript" if exporter == "dynamo" else "dynamo"
+    low, high = onnx_opset_range(other)
+    if low <= opset <= high and (other == "torchscript" or onnx_dynamo_available()):
+        return f": use exporter {other} ({low} to {high}), or another opset"
+    return ": choose an opset in that range"
+
+
+def onnx_file_opset(path: str | Path) -> int:
+    """The default-domain (``ai.onnx``) opset an ONNX file declares (its weights are not read)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    versions = [entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx")]
+    if not versions:
+        raise ValueError(f"ONNX file {path} declares no ai.onnx opset")
+    return int(versions[0])
 
 
 def _resolve_batch(batch_size: int | None, dynamic_batch: bool | None) -> tuple[int, bool]:

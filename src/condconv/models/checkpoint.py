@@ -129,8 +129,10 @@ def _config_from_metadata(path: Path, metadata: Mapping[str, str]) -> dict[str, 
     return config
 
 
-def load_state_dict(model: nn.Module, tensors: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
-    """Copy ``tensors`` into ``model``: every key and shape must match (the error names the file and what differs)."""
+def load_state_dict(model: nn.Module, tensors: Mapping[str, torch.Tensor], path: str | os.PathLike,
+                    what: str = "checkpoint") -> None:
+    """Copy ``tensors`` into ``model``: every key and shape must match (the error names the file, calling it
+    ``what``, and the first missing, unexpected and mis-shaped keys)."""
     own = unwrap(model).state_dict()
     missing = sorted(set(own) - set(tensors))
     unexpected = sorted(set(tensors) - set(own))
@@ -144,7 +146,7 @@ def load_state_dict(model: nn.Module, tensors: Mapping[str, torch.Tensor], path:
             parts.append(f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
         if shapes:
             parts.append(f"shape mismatch {shapes[:3]}{' ...' if len(shapes) > 3 else ''}")
-        raise ValueError(f"checkpoint {path} does not match the model: {'; '.join(parts)}")
+        raise ValueError(f"{what} {path} does not match the model: {'; '.join(parts)}")
     with torch.no_grad():
         for k, v in own.items():
             v.copy_(tensors[k])
@@ -405,11 +407,8 @@ def load_model(source: str | os.PathLike, model_kwargs: Mapping[str, Any] | None
         create_model(text)  # raises ValueError with close-name suggestions
     args = dict(model_kwargs or {})
     model = create_model(text, **args)
-    if weights is not None:
-        result = model.load_state_dict(read_state_dict(weights), strict=False)
-        if result.missing_keys or result.unexpected_keys:
-            raise ValueError(f"weights file {weights} does not match {text}: missing {result.missing_keys[:5]}, "
-                             f"unexpected {result.unexpected_keys[:5]}")
+    if weights is not None:  # every key and shape checked first: the error names the file and the first keys
+        load_state_dict(model, read_state_dict(weights), weights, what="weights file")
     model.eval()
     return model, {"model": text, "model_args": args}
 

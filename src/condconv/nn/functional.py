@@ -43,6 +43,7 @@ is 2-D only and raises ``ValueError`` for other ranks.
 from __future__ import annotations
 
 import contextlib
+import operator
 import threading
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
@@ -56,7 +57,7 @@ from condconv.nn.ops.context import autocast_dtype, autocast_on, is_exporting, i
 from condconv.nn.ops.cpu_tiled import clear_workspace
 from condconv.nn.ops.decomposed import CONV_FUNCTIONS, mix_kernels
 from condconv.nn.ops.shapes import output_size
-from condconv.utils.checks import positive_int
+from condconv.utils.checks import is_integer, positive_int
 
 __all__ = [
     "STRATEGIES",
@@ -134,13 +135,10 @@ _TUPLE_NAMES = {1: "a 1-tuple", 2: "a pair", 3: "a triple"}
 
 def _ntuple(value: int | Sequence[int], rank: int, name: str) -> tuple[int, ...]:
     """``value`` as ``rank`` ints: an int is repeated, a sequence must have ``rank`` ints (``TypeError`` otherwise)."""
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int or {_TUPLE_NAMES[rank]} of ints, got {value!r}")
-    if isinstance(value, int):
-        return (value,) * rank
-    if isinstance(value, Sequence) and len(value) == rank and all(isinstance(v, int) and not isinstance(v, bool)
-                                                                   for v in value):
-        return tuple(int(v) for v in value)
+    if is_integer(value):  # numpy ints and anything with __index__, as nn.Conv2d takes them
+        return (operator.index(value),) * rank
+    if isinstance(value, Sequence) and len(value) == rank and all(is_integer(v) for v in value):
+        return tuple(operator.index(v) for v in value)
     raise TypeError(f"{name} must be an int or {_TUPLE_NAMES[rank]} of ints, got {value!r}")
 
 
@@ -298,6 +296,23 @@ def _check_scales(in_scale: Tensor | None, out_scale: Tensor | None, batch: int,
                              f"got {tuple(value.shape)}")
 
 
+def _check_wrap_padding(padding_mode: str, pads: tuple[int, ...], size: Sequence[int]) -> None:
+    """``'reflect'`` padding must be smaller than the input, ``'circular'`` at most its size (PyTorch's rule);
+    ``pads`` in :func:`torch.nn.functional.pad`'s order (last axis first), ``size`` the input's spatial size."""
+    if padding_mode not in ("reflect", "circular"):
+        return
+    rank = len(size)
+    for i, extent in enumerate(size):
+        pad = max(pads[2 * (rank - 1 - i)], pads[2 * (rank - 1 - i) + 1])
+        if (pad >= extent) if padding_mode == "reflect" else (pad > extent):
+            bound = "smaller than" if padding_mode == "reflect" else "at most"
+            axis = SPATIAL_AXES[rank][i]
+            shape = "x".join(str(s) for s in size)
+            raise ValueError(f"padding_mode={padding_mode!r} needs padding {bound} the input: padding {pad} along "
+                             f"the {axis} of a {shape} input (use a larger input, less padding or "
+                             "padding_mode='zeros'/'replicate')")
+
+
 def _validate(x: Tensor, weight: Tensor, routing: Tensor, bias: Tensor | None, stride, padding, dilation,
               groups: int, padding_mode: str, spatial: Tensor | None, rank: int | None = None) -> _Call:
     """Check a call's arguments (``ValueError``/``TypeError`` naming the argument) and work out its geometry.
@@ -330,6 +345,7 @@ def _validate(x: Tensor, weight: Tensor, routing: Tensor, bias: Tensor | None, s
     if min(stride_) < 1 or min(dilation_) < 1:
         raise ValueError(f"stride and dilation must be positive, got stride={stride!r}, dilation={dilation!r}")
     pads = resolve_padding(padding, kernel, stride_, dilation_)
+    _check_wrap_padding(padding_mode, pads, size)
     out = output_size(size, kernel, stride_, pads, dilation_)
     if min(out) < 1:
         def shape(values) -> str:
@@ -475,6 +491,8 @@ def _run_validated(x: Tensor, weight: Tensor, routing: Tensor, bias: Tensor | No
         # keep the graph connected so backward works for an empty batch
         return out + 0 * (weight.sum() + routing.sum() + (bias.sum() if bias is not None else 0))
     chosen = _forced_strategy() or strategy
+    if chosen not in STRATEGIES:  # e.g. a layer attribute set around its check: never fall through to a path
+        _check_strategy(chosen)
     if chosen == "auto":
         chosen = select_strategy(call.batch, call.in_channels, call.out_channels, call.kernel_size, groups,
                                  call.num_experts, call.out_hw, spatial=spatial is not None, device=x.device,
@@ -555,6 +573,9 @@ def _execute(chosen: str, x: Tensor, weight: Tensor, routing: Tensor, spatial: T
             return decomposed.scan(x, mix_kernels(routing, weight, spatial), geometry, call.out_hw, bias)
         return cpu_tiled.per_example(decomposed.scan, x, weight, routing, spatial, geometry, call.out_hw,
                                      cpu_tiled.SCAN_CHUNK_BYTES, bias=bias)
+    if chosen != "single" or call.batch != 1:  # the one kernel of example 0 is right for a batch of one only
+        raise ValueError(f"strategy {chosen!r} cannot run a batch of {call.batch} (strategy 'single' needs batch "
+                         f"size 1; strategies: {STRATEGIES})")
     if _use_fused(x, weight, routing, spatial) and not needs_grad(x, weight, routing, spatial):
         kernel = cpu_tiled.mix_into_workspace(routing, weight, spatial)[0]  # no fresh pages for a big kernel
     else:

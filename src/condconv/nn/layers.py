@@ -74,6 +74,9 @@ class DynamicConvBase(nn.Module):
         self.out_channels = _positive_int(out_channels, "out_channels")
         self.groups = _positive_int(groups, "groups")
         self.num_experts = _positive_int(num_experts, "num_experts")
+        # integer-like values (numpy ints, anything with __index__) as Python ints from here on, as nn.Conv2d
+        in_channels, out_channels, groups = self.in_channels, self.out_channels, self.groups
+        num_experts = self.num_experts
         if in_channels % groups:
             raise ValueError(f"in_channels ({in_channels}) must be divisible by groups ({groups})")
         if out_channels % groups:
@@ -90,19 +93,43 @@ class DynamicConvBase(nn.Module):
         resolve_padding(padding, self.kernel_size, self.stride, self.dilation)  # validates
         self.padding = padding if isinstance(padding, str) else _ntuple(padding, rank, "padding")
         self.padding_mode = padding_mode
-        if strategy is not None and strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be None or one of {STRATEGIES}, got {strategy!r}")
-        self.strategy = strategy
+        self.strategy = strategy  # validated by the property
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(
             torch.empty(num_experts, out_channels, in_channels // groups, *self.kernel_size, **factory))
         self.bias = nn.Parameter(torch.empty(num_experts, out_channels, **factory)) if bias else None
         self.reset_parameters()
 
+    @property
+    def strategy(self) -> str | None:
+        """The layer's execution strategy (one of :data:`condconv.STRATEGIES`), or ``None`` to follow the global
+        default; setting an unknown name raises ``ValueError`` naming it and listing the valid ones."""
+        return self.__dict__.get("_strategy")
+
+    @strategy.setter
+    def strategy(self, value: str | None) -> None:
+        if value is not None and (not isinstance(value, str) or value not in STRATEGIES):
+            raise ValueError(f"strategy must be None or one of {STRATEGIES}, got {value!r}")
+        self.__dict__["_strategy"] = value
+
+    def __setstate__(self, state: dict) -> None:
+        if "strategy" in state:  # a layer pickled when strategy was a plain attribute
+            state["_strategy"] = state.pop("strategy")
+        super().__setstate__(state)
+
+    def __prepare_scriptable__(self):
+        """``torch.jit.script`` calls this first: the layers are not scriptable, so say so and what works instead."""
+        raise RuntimeError(f"torch.jit.script does not support {type(self).__name__} (its engine picks a strategy "
+                           "per call in Python: keyword-only arguments, context state, custom autograd functions): "
+                           "use torch.jit.trace (or condconv.export_model(format='torchscript')), torch.export, or "
+                           "torch.compile instead")
+
     def reset_parameters(self) -> None:
         """Initialise the experts: ``init='default'``: each exactly as ``nn.Conv2d`` (``Conv1d``, ``Conv3d``)
         initialises its kernel (fan-in of one expert); ``init='official'``: each from ``N(0, official_std())``, biases
-        zero."""
+        zero. Nothing to do on the ``meta`` device (shapes only)."""
+        if self.weight.is_meta:
+            return
         if self.init == "official":
             nn.init.normal_(self.weight, 0.0, self.official_std())
             if self.bias is not None:
@@ -261,10 +288,10 @@ class _CondConv(DynamicConvBase):
         _check_temperature(temperature)  # validated whatever the routing, so a bad value never passes silently
         _check_dropout(routing_dropout)
         if routing == "sigmoid":
-            self.router = SigmoidRouter(in_channels, num_experts, routing_dropout, init=init, **factory)
+            self.router = SigmoidRouter(self.in_channels, self.num_experts, routing_dropout, init=init, **factory)
         elif routing == "softmax":
-            self.router = SoftmaxRouter(in_channels, num_experts, temperature=temperature, dropout=routing_dropout,
-                                        init=init, **factory)
+            self.router = SoftmaxRouter(self.in_channels, self.num_experts, temperature=temperature,
+                                        dropout=routing_dropout, init=init, **factory)
         elif routing == "external":
             self.router = None
         else:
@@ -367,7 +394,7 @@ class _DynamicConv(DynamicConvBase):
                  strategy: str | None = None, init: str = "default") -> None:
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                          padding_mode, device, dtype, num_experts=num_experts, strategy=strategy, init=init)
-        self.router = SoftmaxRouter(in_channels, num_experts, reduction=reduction, temperature=temperature,
+        self.router = SoftmaxRouter(self.in_channels, self.num_experts, reduction=reduction, temperature=temperature,
                                     init=init, device=device, dtype=dtype)
 
     def forward(self, x: Tensor, routing_weights: Tensor | None = None) -> Tensor:
@@ -441,7 +468,7 @@ class _ODConv(DynamicConvBase):
                  norm: str = "layer", strategy: str | None = None, init: str = "default") -> None:
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                          padding_mode, device, dtype, num_experts=num_experts, strategy=strategy, init=init)
-        self.router = OmniRouter(in_channels, out_channels, self.kernel_size, groups, num_experts,
+        self.router = OmniRouter(self.in_channels, self.out_channels, self.kernel_size, self.groups, self.num_experts,
                                  reduction=reduction, min_channels=min_channels, temperature=temperature, norm=norm,
                                  init=init, device=device, dtype=dtype)
 

@@ -18,9 +18,10 @@ import numpy as np
 
 from condconv.nn.layers import CONV_KINDS
 from condconv.training.recipes import load_recipe, validate_knobs
-from condconv.utils.checks import OptionError
+from condconv.utils.checks import OptionError, seed_value
 
-__all__ = ["TrainConfig", "load_config_file", "model_args"]
+__all__ = ["DATASET_MODEL_KWARGS", "FLAG_MODEL_KWARGS", "TrainConfig", "check_dataset_kwargs", "check_model_kwargs",
+           "load_config_file", "model_args"]
 
 
 @dataclass
@@ -36,7 +37,9 @@ class TrainConfig:
         experts: number of experts (None: the layer's default; ignored for 'static').
         width: width multiplier (None: the model's default).
         dropout: dropout before the classifier (None: the model's default).
-        model_kwargs: further keyword arguments of ``create_model``.
+        model_kwargs: further keyword arguments of ``create_model``; not those an option sets (``width_mult``,
+            ``num_experts``, ``conv``, ``dropout``: refused naming the option), and ``num_classes``/``in_chans`` only
+            with the dataset's values.
         init: start from the weights of a ``condconv train`` or ``condconv convert`` checkpoint (fine-tuning); the
             architecture (model, conv, experts, width, conversions) is then the checkpoint's. It must stay
             available to resume the run.
@@ -52,6 +55,8 @@ class TrainConfig:
         weight_decay (not applied to biases and norm parameters), warmup_epochs (linear warm-up, then cosine to
         min_lr, per step), label_smoothing, mixup (Beta(alpha, alpha); 0 = off), grad_clip (max norm; None = off),
         freeze_bn (BatchNorm layers use running statistics; their affine parameters still train), sync_bn (CUDA).
+        Relations checked by :meth:`validate`: momentum in [0, 1), min_lr <= lr, warmup_epochs <= epochs,
+        lr_milestones strictly increasing, seed in [0, 2**32 - 1].
     Dynamic convolutions:
         temperature_start, temperature_end, temperature_epochs: linear annealing of the routers' softmax
         temperature over the first ``temperature_epochs`` epochs' iterations (the papers: 10 epochs). None = 10% of
@@ -191,6 +196,7 @@ class TrainConfig:
             bad("dropout", "in [0, 1) or None")
         if not isinstance(self.model_kwargs, dict):
             bad("model_kwargs", "a dict")
+        check_model_kwargs(self.model_kwargs, FLAG_MODEL_KWARGS)
         if not isinstance(self.dataset, str) or not self.dataset:
             bad("dataset", "a dataset name or a folder (str)")
         for name in ("data_dir", "init", "out", "resume"):
@@ -210,7 +216,8 @@ class TrainConfig:
             bad("workers", "an int >= 0 or None")
         if not isinstance(self.skip_bad_images, bool):
             bad("skip_bad_images", "a bool")
-        for name in ("checkpoint_every", "checkpoint_epochs", "eval_every", "seed"):
+        seed_value(self.seed, "seed")
+        for name in ("checkpoint_every", "checkpoint_epochs", "eval_every"):
             if not _is_int(getattr(self, name)) or getattr(self, name) < 0:
                 bad(name, "an int >= 0")
         for name in ("keep_checkpoints", "log_every"):
@@ -226,6 +233,7 @@ class TrainConfig:
         for name in ("momentum", "weight_decay", "warmup_epochs", "min_lr", "mixup"):
             if not (_is_number(getattr(self, name)) and getattr(self, name) >= 0):
                 bad(name, "a number >= 0")
+        self._check_relations()
         if not (_is_number(self.label_smoothing) and 0 <= self.label_smoothing < 1):
             bad("label_smoothing", "in [0, 1)")
         if self.grad_clip is not None and not (_is_number(self.grad_clip) and self.grad_clip > 0):
@@ -242,6 +250,52 @@ class TrainConfig:
         if not isinstance(self.device, str):
             bad("device", "'auto', 'cpu' or 'cuda[:N]'")
 
+    def _check_relations(self) -> None:
+        """Ranges that depend on other options (after each option's own check)."""
+        if not self.momentum < 1:
+            raise OptionError("momentum", f"momentum must be in [0, 1), got {self.momentum!r}")
+        if self.min_lr > self.lr:
+            raise OptionError("min_lr", f"min_lr ({self.min_lr!r}) must not exceed lr ({self.lr!r}): the decay would "
+                              "raise the learning rate", mentions=("lr",))
+        if self.warmup_epochs > self.epochs:
+            raise OptionError("warmup_epochs", f"warmup_epochs ({self.warmup_epochs!r}) must not exceed epochs "
+                              f"({self.epochs!r}): the run would end before its warm-up", mentions=("epochs",))
+        milestones = list(self.lr_milestones)
+        if any(b <= a for a, b in zip(milestones, milestones[1:])):
+            raise OptionError("lr_milestones", f"lr_milestones must be strictly increasing epochs, got {milestones}")
+
+
+
+#: ``create_model`` arguments that an option sets (``model_kwargs`` must not set them behind its back) -> the option.
+FLAG_MODEL_KWARGS = {"width_mult": "width", "num_experts": "experts", "conv": "conv", "dropout": "dropout"}
+#: ``create_model`` arguments the dataset sets: ``model_kwargs`` may repeat them only with the dataset's values.
+DATASET_MODEL_KWARGS = ("num_classes", "in_chans")
+
+
+def check_model_kwargs(model_kwargs: Mapping[str, Any], owners: Mapping[str, str]) -> None:
+    """Refuse a ``model_kwargs`` key that an option sets (``owners``: key -> option), naming the option to use.
+
+    Raises:
+        OptionError: the first such key (the command line writes both names as flags).
+    """
+    for key in model_kwargs:
+        if key in owners:
+            option = owners[key]
+            what = f"{key!r}, which {option} sets" if key != option else f"{option}, which has its own option"
+            raise OptionError("model_kwargs", f"model_kwargs must not set {what} (the run would be recorded with "
+                              f"the option's value, not the one used): use {option} instead", mentions=(option,))
+
+
+def check_dataset_kwargs(model_kwargs: Mapping[str, Any], num_classes: int, in_chans: int, dataset: str) -> None:
+    """``num_classes``/``in_chans`` given in ``model_kwargs`` must be the dataset's.
+
+    Raises:
+        OptionError: a value that differs (naming the key, the value and the dataset's).
+    """
+    for key, wanted in zip(DATASET_MODEL_KWARGS, (num_classes, in_chans)):
+        if key in model_kwargs and model_kwargs[key] != wanted:
+            raise OptionError("model_kwargs", f"model_kwargs {key}={model_kwargs[key]!r} does not match the dataset "
+                              f"{dataset}, which has {wanted}: leave {key} out (the dataset sets it)")
 
 
 def _is_int(v: Any) -> bool:

@@ -6,9 +6,11 @@ that data and checks that it fits the checkpoint (classes, image channels).
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,10 +18,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from condconv.data import EpochLoader, ImageDataset, build_dataset
-from condconv.models.checkpoint import config_classes, config_in_chans, load_checkpoint
+from condconv.models.checkpoint import config_classes, config_in_chans, load_checkpoint, resolve_weights_path
+from condconv.training.runlog import config_drift, describe_drift, recorded_config
+from condconv.utils.checks import OptionError
 from condconv.utils.runtime import DistInfo, all_reduce_sum, amp_dtype, autocast, resolve_device
 
-__all__ = ["dataset_for_checkpoint", "evaluate", "evaluate_checkpoint"]
+logger = logging.getLogger(__name__)
+
+__all__ = ["check_run_config", "dataset_for_checkpoint", "evaluate", "evaluate_checkpoint"]
 
 
 @torch.no_grad()
@@ -143,12 +149,16 @@ def evaluate_checkpoint(
     workers: int = 0,
     image_size: int | None = None,
     progress: bool = False,
+    accept_config_change: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a checkpoint (see :func:`condconv.load_checkpoint`) on a dataset (default: the one it was trained on).
+
+    The final weights of a run folder are first compared with its ``config.yaml`` (:func:`check_run_config`).
 
     Returns:
         :func:`evaluate`'s dict plus ``checkpoint``, ``model``, ``dataset``, ``split`` and ``classes``.
     """
+    check_run_config(checkpoint, accept_config_change)
     model, config = load_checkpoint(checkpoint)
     ds = dataset_for_checkpoint(checkpoint, config, dataset=dataset, data_dir=data_dir, split=split,
                                 image_size=image_size)
@@ -159,3 +169,33 @@ def evaluate_checkpoint(
     result.update(checkpoint=str(checkpoint), model=config["model"], dataset=ds.name, split=ds.split,
                   classes=list(ds.classes))
     return result
+
+
+def check_run_config(checkpoint: str | os.PathLike, accept_config_change: bool = False) -> None:
+    """Refuse weights whose run folder's ``config.yaml`` no longer says what they were trained with.
+
+    Only weights with a ``config.yaml`` beside them (a run folder's final ``model.safetensors``) are compared; the
+    weights are always evaluated as they were trained, whatever the file says.
+
+    Args:
+        checkpoint: what :func:`condconv.load_checkpoint` takes.
+        accept_config_change: go on (with a warning) when only keys that may change on resume differ
+            (``TrainConfig.RESUME_MUTABLE``: epochs, eval_every, ...). Default False.
+
+    Raises:
+        OptionError: the keys that differ, with their recorded and edited values.
+    """
+    from condconv.training.config import TrainConfig
+
+    weights = resolve_weights_path(checkpoint)
+    config_file = Path(weights).parent / "config.yaml"
+    drift = config_drift(config_file, recorded_config(weights))
+    if not drift:
+        return
+    fixed = [k for k in drift if k not in TrainConfig.RESUME_MUTABLE]
+    if fixed or not accept_config_change:
+        advice = (f"restore {', '.join(fixed[:4])} in it: the weights were trained with the recorded values" if fixed
+                  else "restore it, or pass accept_config_change to evaluate the weights as they were trained")
+        raise OptionError("accept_config_change", f"{config_file} no longer matches the weights {weights}: "
+                          f"{describe_drift(drift)}: {advice}")
+    logger.warning("%s was edited (%s): evaluating %s as it was trained", config_file, describe_drift(drift), weights)

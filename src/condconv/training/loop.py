@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import condconv.models.checkpoint as ckpt
+import condconv.training.budget as budget
 import condconv.training.config as configuration
 import condconv.training.evaluate as evaluation
 import condconv.utils.runtime as runtime
@@ -53,9 +54,9 @@ from condconv.data.augment import build_augment
 from condconv.nn.routing import TemperatureSchedule, set_temperature
 from condconv.training.ema import ModelEma
 from condconv.training.optim import build_optimizer, build_scheduler
-from condconv.training.runlog import RunLogs, write_if_changed
+from condconv.training.runlog import RunLogs, config_drift, describe_drift, recorded_config, write_if_changed
 from condconv.utils.checks import OptionError
-from condconv.utils.fileio import folder_lock
+from condconv.utils.fileio import check_writable, folder_lock
 
 __all__ = ["NonFiniteLossError", "TrainProgress", "TrainResult", "train_model"]
 
@@ -125,6 +126,7 @@ def train_model(
     *,
     explicit: Iterable[str] | None = None,
     on_step: Callable[[TrainProgress], None] | None = None,
+    accept_config_change: bool = False,
     **overrides: Any,
 ) -> TrainResult:
     """Train a model; see :class:`~condconv.training.config.TrainConfig` for every option.
@@ -135,6 +137,11 @@ def train_model(
             default: every option that differs from the defaults).
         on_step: called with a :class:`TrainProgress` after every optimizer step (after that step's checkpoint, if
             one is due), e.g. to drive a progress display.
+        accept_config_change: on resume, the run folder's ``config.yaml`` is compared with the configuration recorded
+            in the checkpoint; a difference is an error naming the keys unless this is True and every changed key
+            may change on resume (``TrainConfig.RESUME_MUTABLE``: ``epochs``, ``eval_every``...), whose edited values
+            are then taken (an ``epochs`` raised in a finished run's ``config.yaml`` trains the extra epochs). Options
+            given explicitly win over the file. Default False.
         **overrides: more options, e.g. ``train_model(epochs=3, experts=8)``.
 
     Returns:
@@ -157,7 +164,7 @@ def train_model(
         explicit = [f.name for f in dataclasses.fields(configuration.TrainConfig)
                     if getattr(config, f.name) != getattr(defaults, f.name)]
     with runtime.distributed(runtime.device_kind(config.device)) as dist_info:
-        return _Trainer(config, list(explicit), dist_info, on_step).run()
+        return _Trainer(config, list(explicit), dist_info, on_step, accept_config_change).run()
 
 
 def _default_run_dir(config: configuration.TrainConfig) -> Path:
@@ -223,6 +230,16 @@ def _merge_resume_config(state: Mapping[str, Any], config: configuration.TrainCo
     return configuration.TrainConfig.from_dict(merged, source=str(source))
 
 
+def _built_experts(model: nn.Module, configured: int | None) -> int | None:
+    """The expert count of the model's dynamic layers (None: it has none); ``configured`` if they differ."""
+    from condconv.nn.layers import DynamicConvBase
+
+    counts = {m.num_experts for m in model.modules() if isinstance(m, DynamicConvBase)}
+    if not counts:
+        return None
+    return counts.pop() if len(counts) == 1 else configured
+
+
 def _check_finite(model: nn.Module, optimizer: torch.optim.Optimizer) -> str | None:
     """The name of the first non-finite parameter, buffer or optimizer-state tensor, or None."""
     for name, tensor in [*model.state_dict().items()]:
@@ -249,8 +266,9 @@ class _Trainer:
     """One training run, in named steps: open the run, data, model, optimisation, restore, epochs, finish."""
 
     def __init__(self, config: configuration.TrainConfig, explicit: list[str], dist_info: runtime.DistInfo,
-                 on_step: Callable[[TrainProgress], None] | None) -> None:
+                 on_step: Callable[[TrainProgress], None] | None, accept_config_change: bool = False) -> None:
         self.config, self.explicit, self.dist, self.on_step = config, explicit, dist_info, on_step
+        self.accept_config_change = bool(accept_config_change)
         self.t_start = time.perf_counter()
         self.epoch_stats = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
         self.history: list[dict[str, Any]] = []
@@ -262,6 +280,11 @@ class _Trainer:
         folder = _run_folder(self.config, self.explicit)
         if folder is None:
             folder = _default_run_dir(self.config)
+        fresh = not self.config.resume or (self.config.resume == "auto" and ckpt.latest_checkpoint(folder) is None)
+        if fresh and not self.config.init:  # before the run folder is made (and after checking it can be)
+            if self.dist.main:
+                check_writable(folder, folder=True)
+            self._preflight()
         self.run_dir = run_dir = Path(runtime.broadcast_object(str(folder), self.dist))
         lock = folder_lock(run_dir, "run folder") if self.dist.main else contextlib.nullcontext()
         with lock:  # the checkpoint is read under the lock: no other process prunes or replaces it meanwhile
@@ -276,6 +299,7 @@ class _Trainer:
                 if str(meta.get("global_step")) != str(state.get("global_step")):
                     raise ValueError(f"mismatched checkpoint {resume_ck}: weights are from step "
                                      f"{meta.get('global_step')}, state from step {state.get('global_step')}")
+                self._take_config_changes(resume_ck)
                 self.config = _merge_resume_config(state, self.config, self.explicit, resume_ck)
             if (run_dir / "checkpoints" / "latest").exists() and (
                     resume_ck is None or resume_ck.parent.parent.resolve() != run_dir.resolve()):
@@ -285,6 +309,27 @@ class _Trainer:
             self.device = runtime.resolve_device(self.config.device, self.dist.local_rank)
             with runtime.run_settings(self.config.seed, device=self.device, deterministic=self.config.deterministic):
                 return self._train(resume_ck, state, weights)
+
+    def _take_config_changes(self, resume_ck: Path) -> None:
+        """Compare the run folder's ``config.yaml`` with the checkpoint's record: refuse a difference (naming the keys),
+        or, with ``accept_config_change``, take the edited values of keys that may change on resume."""
+        config_file = resume_ck.parent.parent / "config.yaml"
+        drift = config_drift(config_file, recorded_config(resume_ck / "model.safetensors"))
+        drift = {k: v for k, v in drift.items() if k not in self.explicit}  # given options state the intent
+        if not drift:
+            return
+        fixed = [k for k in drift if k not in configuration.TrainConfig.RESUME_MUTABLE]
+        if fixed or not self.accept_config_change:
+            advice = (f"restore {', '.join(fixed[:4])} in it (they cannot change on resume; to train a changed copy, "
+                      "start from the checkpoint with init)" if fixed else
+                      "restore it, or pass accept_config_change to train with the edited values")
+            raise OptionError("accept_config_change", f"{config_file} no longer matches the checkpoint {resume_ck}: "
+                              f"{describe_drift(drift)}: {advice}", mentions=("init",))
+        taken = {k: new for k, (_, new) in drift.items() if k not in self.explicit}
+        if taken:
+            logger.warning("taking the edited %s from %s", describe_drift({k: drift[k] for k in taken}), config_file)
+            self.config = dataclasses.replace(self.config, **taken)
+            self.explicit = [*self.explicit, *taken]
 
     def _train(self, resume_ck: Path | None, state: dict | None, weights: dict | None) -> TrainResult:
         config = self.config
@@ -310,11 +355,44 @@ class _Trainer:
             self.start_step = 0
         return self._finish()
 
+    def _preflight(self) -> None:
+        """What can be checked against the data and the model before any folder is made or weight allocated: the
+        ``num_classes``/``in_chans`` of ``model_kwargs`` against the dataset, and the memory training needs."""
+        config = self.config
+        train_ds = self._train_dataset(config)
+        configuration.check_dataset_kwargs(config.model_kwargs, train_ds.num_classes, train_ds.in_chans, train_ds.name)
+        batch = config.batch_size
+        if config.global_batch_size is not None:
+            batch = max(config.global_batch_size // self.dist.world_size, 1)
+        args = configuration.model_args(config, train_ds.num_classes, train_ds.in_chans)
+        try:
+            estimate = budget.estimate_training_memory(
+                config.model, args, (train_ds.in_chans, train_ds.image_size, train_ds.image_size), batch,
+                optimizer=config.optimizer, momentum=config.momentum, ema=config.ema_decay > 0)
+        except Exception as exc:  # noqa: BLE001 - a model the meta device cannot build: the real build reports it
+            logger.debug("no memory estimate for %s: %s", config.model, exc)
+            return
+        device = runtime.resolve_device(config.device, self.dist.local_rank)
+        processes = budget.local_processes() if self.dist.enabled else 1
+        budget.check_training_memory(estimate, device, processes, what=f"{config.model} ({config.conv}, "
+                                     f"experts={config.experts}, width={config.width}, batch {batch})")
+
+    def _train_dataset(self, config: configuration.TrainConfig) -> ImageDataset:
+        """The training split (built once: :meth:`_preflight` and :meth:`_build_data` share it)."""
+        key = (config.dataset, config.data_dir, config.train_size, config.image_size, config.seed)
+        cached = self.__dict__.get("_train_ds_cache")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        train_ds = build_dataset(config.dataset, "train", data_dir=config.data_dir, train_size=config.train_size,
+                                 image_size=config.image_size, seed=config.seed)
+        self._train_ds_cache = (key, train_ds)
+        return train_ds
+
     # ---- data ------------------------------------------------------------------------------------------------
     def _build_data(self) -> None:
         config, dist = self.config, self.dist
-        train_ds = build_dataset(config.dataset, "train", data_dir=config.data_dir, train_size=config.train_size,
-                                 image_size=config.image_size, seed=config.seed)
+        train_ds = self._train_dataset(config)
+        self._train_ds_cache = None
         test_ds = build_dataset(config.dataset, "test", data_dir=config.data_dir, image_size=config.image_size,
                                 seed=config.seed)
         train_ds, test_ds = self._checked(train_ds, test_ds)
@@ -375,9 +453,11 @@ class _Trainer:
             model = ckpt.build_model(config.model, args)
         self.params = sum(p.numel() for p in model.parameters())
         saved = config.to_dict()
+        saved.update(experts=_built_experts(model, config.experts), params=self.params)  # what the model really has
         if conversions:
             saved["convert"] = conversions
         saved.update(model_args=args, num_classes=train_ds.num_classes, in_chans=train_ds.in_chans,
+                     train_images=len(train_ds),  # what train_size gave (all images when it asks for more)
                      image_size=train_ds.image_size, classes=list(train_ds.classes), mean=list(train_ds.mean),
                      std=list(train_ds.std), dataset_name=train_ds.name)
         self.saved_config = saved

@@ -20,6 +20,7 @@ import io
 import json
 import logging
 import math
+import operator
 import os
 import shutil
 import time
@@ -31,15 +32,18 @@ from typing import Any
 import numpy as np
 import torch
 
+import condconv.training.budget as budget
 import condconv.utils.runtime as runtime
 from condconv.data import build_dataset
 from condconv.models.checkpoint import build_model
 from condconv.models.macs import count_macs
-from condconv.training.config import TrainConfig, model_args
+from condconv.training.config import FLAG_MODEL_KWARGS, TrainConfig, check_model_kwargs, model_args
 from condconv.training.loop import TrainProgress, train_model
+from condconv.utils.checks import OptionError, is_integer, seed_value
 from condconv.utils.fileio import atomic_write_text, folder_lock
 
 __all__ = [
+    "GRID_MODEL_KWARGS",
     "SWEEP_DEFAULTS",
     "SweepResult",
     "folder_summary",
@@ -68,6 +72,8 @@ SWEEP_DEFAULTS: dict[str, Any] = {
 DEFAULT_WIDTHS = (0.25, 0.5)
 DEFAULT_EXPERTS = (1, 2, 4, 8)
 DEFAULT_SEEDS = (0, 1)
+#: ``create_model`` arguments the grid or an option sets: ``model_kwargs`` must not set them (the option to use).
+GRID_MODEL_KWARGS = {**FLAG_MODEL_KWARGS, "width_mult": "widths", "num_experts": "experts"}
 
 _RUN_FIELDS = [
     "model", "conv", "width", "experts", "seed", "params", "macs", "top1", "top5", "loss", "steps", "train_seconds",
@@ -172,11 +178,17 @@ def summarize_runs(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def _macs_params(model_name: str, args: Mapping[str, Any], input_size: tuple[int, int, int]) -> tuple[int, int]:
+def _macs_params(model_name: str, args: Mapping[str, Any], input_size: tuple[int, int, int]
+                 ) -> tuple[int, int, int]:
+    """Multiply-adds and parameters of the model ``args`` build, and its expert count (1: no dynamic layer)."""
+    from condconv.nn.layers import DynamicConvBase
+
     with torch.device("meta"):  # shapes only: no weights are allocated
         model = build_model(model_name, args)
     report = count_macs(model, input_size=input_size)
-    return int(report.macs), int(report.params)
+    counts = {m.num_experts for m in model.modules() if isinstance(m, DynamicConvBase)}
+    experts = max(counts) if counts else 1
+    return int(report.macs), int(report.params), experts
 
 
 def sweep_config(base: TrainConfig | Mapping[str, Any] | None = None) -> TrainConfig:
@@ -186,6 +198,7 @@ def sweep_config(base: TrainConfig | Mapping[str, Any] | None = None) -> TrainCo
     values = dict(SWEEP_DEFAULTS)
     given: Mapping[str, Any] = base.to_dict() if isinstance(base, TrainConfig) else dict(base or {})
     values.update(given)
+    check_model_kwargs(values.get("model_kwargs") or {}, GRID_MODEL_KWARGS)
     if "train_size" not in given and str(values.get("dataset", "digits")).lower() != "digits":
         values["train_size"] = None
     return TrainConfig.from_dict({k: v for k, v in values.items() if k not in ("width", "experts", "seed")})
@@ -223,14 +236,7 @@ def sweep_grid(
     """
     t0 = time.perf_counter()
     base_cfg = sweep_config(base)
-    widths, experts, seeds = [float(w) for w in widths], [int(e) for e in experts], [int(s) for s in seeds]
-    for name, vals in (("widths", widths), ("experts", experts), ("seeds", seeds)):
-        if not vals:
-            raise ValueError(f"{name} must not be empty")
-    if any(w <= 0 for w in widths):
-        raise ValueError(f"widths must be positive, got {widths}")
-    if any(e < 1 for e in experts):
-        raise ValueError(f"experts must be >= 1, got {experts}")
+    widths, experts, seeds = _check_grid(widths, experts, seeds)
     out_dir = Path(out) if out else Path("runs") / f"sweep-{base_cfg.model}-{Path(str(base_cfg.dataset)).name}"
     # under torchrun every process runs the same plan in lockstep (each run is a DDP run); rank 0 writes
     with runtime.distributed(runtime.device_kind(base_cfg.device)) as dist_info:
@@ -238,6 +244,36 @@ def sweep_grid(
         with lock:
             sweep = _Sweep(base_cfg, out_dir, dist_info, plot=plot, keep_weights=keep_weights, progress=progress)
             return sweep.run([(w, e, s) for s in seeds for w in widths for e in experts], t0)
+
+
+def _check_grid(widths: Sequence[float], experts: Sequence[int], seeds: Sequence[int]
+                ) -> tuple[list[float], list[int], list[int]]:
+    """The grid's values, checked: none empty, none repeated (a repeated value would train one run twice into one
+    folder and count it twice in the summary), widths positive, experts >= 1, seeds what the generators take.
+
+    Raises:
+        OptionError: naming the grid option (``widths``, ``experts`` or ``seeds``) and the value.
+    """
+    for name, vals in (("widths", widths), ("experts", experts), ("seeds", seeds)):
+        if isinstance(vals, (str, bytes)) or not isinstance(vals, Iterable):
+            raise OptionError(name, f"{name} must be a list, got {vals!r}")
+    widths, experts, seeds = list(widths), list(experts), list(seeds)
+    for w in widths:
+        if isinstance(w, bool) or not isinstance(w, (int, float, np.integer, np.floating)) or not 0 < w < math.inf:
+            raise OptionError("widths", f"widths must be positive numbers, got {widths}")
+    for e in experts:
+        if not is_integer(e) or operator.index(e) < 1:
+            raise OptionError("experts", f"experts must be ints >= 1, got {experts}")
+    checked = ([float(w) for w in widths], [operator.index(e) for e in experts],
+               [seed_value(s, "seeds") for s in seeds])
+    for name, vals in zip(("widths", "experts", "seeds"), checked):
+        if not vals:
+            raise OptionError(name, f"{name} must not be empty")
+        repeated = sorted({v for v in vals if vals.count(v) > 1})
+        if repeated:
+            raise OptionError(name, f"{name} must not repeat a value: {', '.join(f'{v:g}' for v in repeated)} "
+                              f"given more than once in {vals}")
+    return checked
 
 
 def _key(row: Mapping[str, Any]) -> tuple:
@@ -282,18 +318,29 @@ class _Sweep:
         for w, e, _ in plan:
             if (w, e) not in costs:
                 cfg = _grid_config(base, w, e, 0, self.out_dir)
-                costs[(w, e)] = _macs_params(cfg.model, model_args(cfg, train.num_classes, train.in_chans), size)
+                args = model_args(cfg, train.num_classes, train.in_chans)
+                macs, params, built = _macs_params(cfg.model, args, size)
+                if built != e:  # e.g. --conv static, or model_kwargs that leave no dynamic layer
+                    raise OptionError("experts", f"experts {e} cannot be trained with these settings: the model built "
+                                      f"for it (conv={cfg.conv}) has {built if built > 1 else 'no'} experts")
+                costs[(w, e)] = (macs, params)
+                estimate = budget.estimate_training_memory(cfg.model, args, size, base.batch_size,
+                                                           optimizer=base.optimizer, momentum=base.momentum,
+                                                           ema=base.ema_decay > 0)
+                budget.check_training_memory(estimate, runtime.resolve_device(base.device, self.dist.local_rank),
+                                             budget.local_processes() if self.dist.enabled else 1,
+                                             what=f"grid point width={w:g}, experts={e}")
         steps = math.ceil(len(train) / self.dist.world_size) // base.batch_size * base.epochs
         return costs, steps
 
     def run(self, plan: list[tuple[float, int, int]], t0: float) -> SweepResult:
         from tqdm import tqdm
 
+        costs, steps_per_run = self._costs(plan)  # refuses a grid point that cannot be trained, before any file
         self._check_settings()
         rows = _read_csv(self.runs_csv)
         done = {_key(r) for r in rows}
         todo = [(w, e, s) for w, e, s in plan if _key(_point(self.base, w, e, s)) not in done]
-        costs, steps_per_run = self._costs(plan)
         bar = tqdm(total=len(todo) * steps_per_run, desc="sweep", unit="step", dynamic_ncols=True,
                    disable=not (self.progress and self.dist.main))
         train_logger = logging.getLogger("condconv.training.loop")
@@ -332,10 +379,18 @@ class _Sweep:
             if not self.keep_weights:
                 Path(result.checkpoint).unlink(missing_ok=True)
         macs, params = cost
+        built = result.config  # the labels are those of the model that was trained
+        built_experts = built.get("experts") or 1  # no dynamic layer: the static baseline, 1 in the grid
+        if (float(built.get("width") or 0), int(built_experts), int(built["seed"]), result.params) != \
+                (width, experts, seed, params):
+            raise RuntimeError(f"{name} trained width={built.get('width')}, experts={built.get('experts')}, seed="
+                               f"{built['seed']}, {result.params:,} parameters, not the grid point's width={width}, "
+                               f"experts={experts}, seed={seed}, {params:,} parameters")
         return {
-            "model": cfg.model, "conv": cfg.conv, "width": width, "experts": experts, "seed": seed, "params": params,
-            "macs": macs, "top1": result.top1, "top5": result.top5, "loss": result.loss, "steps": result.steps,
-            "train_seconds": result.seconds, "run_dir": str(result.run_dir),
+            "model": built["model"], "conv": built["conv"], "width": float(built["width"]), "experts": built_experts,
+            "seed": int(built["seed"]), "params": result.params, "macs": macs, "top1": result.top1,
+            "top5": result.top5, "loss": result.loss, "steps": result.steps, "train_seconds": result.seconds,
+            "run_dir": str(result.run_dir),
         }  # fmt: skip
 
     def _write(self, rows: list[dict]) -> None:

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import math
+import operator
 import re
 from collections.abc import Sequence
 
-__all__ = ["OptionError", "flag", "positive_int", "positive_number", "probability", "parse_kwargs"]
+__all__ = ["MAX_SEED", "OptionError", "flag", "is_integer", "positive_int", "positive_number", "probability",
+           "parse_kwargs", "seed_value"]
+
+#: The largest seed every generator a run seeds takes (``numpy.random.seed`` stops at ``2**32 - 1``; ``random`` and
+#: ``torch.manual_seed`` take more).
+MAX_SEED = 2**32 - 1
 
 
 class OptionError(ValueError):
@@ -46,11 +52,35 @@ def flag(option: str) -> str:
     return "--" + option.replace("_", "-")
 
 
+def is_integer(value: object) -> bool:
+    """Whether ``value`` is an integer as :class:`torch.nn.Conv2d` takes one: a Python or numpy int, or anything with
+    ``__index__`` (bools and floats are not)."""
+    if isinstance(value, bool) or not hasattr(type(value), "__index__"):
+        return False
+    try:
+        operator.index(value)  # e.g. a float tensor has __index__ but refuses it
+    except TypeError:
+        return False
+    return True
+
+
 def positive_int(value: object, name: str) -> int:
-    """``value`` if it is an int >= 1 (bools rejected)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    """``value`` as a Python int if it is an integer (:func:`is_integer`: numpy ints too) >= 1 (bools rejected)."""
+    if not is_integer(value) or operator.index(value) < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
+    return operator.index(value)
+
+
+def seed_value(value: object, name: str = "seed") -> int:
+    """``value`` as an int if it is a seed every generator takes: an int in ``[0, MAX_SEED]`` (raises
+    :class:`OptionError` naming ``name``)."""
+    if not is_integer(value):
+        raise OptionError(name, f"{name} must be an int in [0, {MAX_SEED}], got {value!r}")
+    number = operator.index(value)
+    if not 0 <= number <= MAX_SEED:
+        raise OptionError(name, f"{name} must be an int in [0, {MAX_SEED}] (2**32 - 1, the most numpy's generator "
+                          f"takes), got {number}")
+    return number
 
 
 def positive_number(value: object, name: str) -> float:

@@ -13,7 +13,7 @@ from condconv.cli.commands.options import add_force_argument, new_output, positi
 from condconv.models.checkpoint import default_input_size, load_model, save_weights
 from condconv.nn.convert import conversion_spec, convert, list_convs, select_convs
 from condconv.nn.layers import DYNAMIC_KINDS
-from condconv.utils.checks import parse_kwargs
+from condconv.utils.checks import parse_kwargs, seed_value
 from condconv.utils.fileio import atomic_write_text
 
 HELP = "convert the Conv2d layers of a registered model or checkpoint"
@@ -53,6 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    seed_value(args.seed, "seed")  # before any work: the flag named, not the generator's message
     model, config = load_model(args.model, parse_kwargs(args.model_kwargs), args.weights)
     layer_kwargs = parse_kwargs(args.layer_kwargs, "--layer-kwargs")
     if args.list:

@@ -10,7 +10,7 @@ from typing import Any
 
 from condconv.cli.commands.options import add_checkpoint_data_arguments
 from condconv.models.checkpoint import resolve_weights_path
-from condconv.training.evaluate import evaluate_checkpoint
+from condconv.training.evaluate import check_run_config, evaluate_checkpoint
 from condconv.utils.fileio import atomic_write_text, check_writable
 from condconv.utils.runtime import AMP_CHOICES
 
@@ -22,6 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--amp", default="none", choices=AMP_CHOICES, help="mixed precision (default: none)")
     parser.add_argument("--image-size", type=int, default=None, help="ImageFolder crop size (default: the "
                         "checkpoint's)")
+    parser.add_argument("--accept-config-change", action="store_true",
+                        help="evaluate a run folder whose config.yaml was edited in keys that may change on resume "
+                             "(epochs, eval_every, ...); the weights are evaluated as they were trained")
     parser.add_argument("--json", metavar="FILE", default=None, help="also write the results as JSON ('-' = stdout "
                         "only)")
 
@@ -38,11 +41,13 @@ def _json_safe(obj: Any) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     resolve_weights_path(args.checkpoint)  # a missing checkpoint first: it needs no output
+    check_run_config(args.checkpoint, args.accept_config_change)  # an edited config.yaml: before any work
     if args.json and args.json != "-":
         check_writable(args.json)  # before the work, not after it
     res = evaluate_checkpoint(
         args.checkpoint, dataset=args.dataset, data_dir=args.data_dir, split=args.split, batch_size=args.batch_size,
         device=args.device, amp=args.amp, workers=args.workers, image_size=args.image_size, progress=args.progress,
+        accept_config_change=args.accept_config_change,
     )  # fmt: skip
     if args.json == "-":
         json.dump(_json_safe(res), sys.stdout, indent=2)

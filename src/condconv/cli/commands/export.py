@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from condconv.cli.commands.options import add_force_argument, new_output, positive_int
-from condconv.deploy.export import EXPORT_FORMATS, ONNX_EXPORTERS, export_model, verify_export
+from condconv.deploy.export import EXPORT_FORMATS, ONNX_EXPORTERS, export_model, onnx_file_opset, verify_export
 from condconv.models.checkpoint import default_input_size, load_model
 from condconv.utils.checks import parse_kwargs
 
@@ -62,8 +62,9 @@ def run(args: argparse.Namespace) -> int:
     batch = (args.batch_size or 2) if static else None
     path = export_model(model, out, args.format, size, args.opset, batch_size=batch, dynamic_batch=not static,
                         exporter=args.exporter)
+    opset = f", ONNX opset {onnx_file_opset(path)}" if args.format == "onnx" else ""  # what the file declares
     print(f"exported {config['model']} ({'x'.join(map(str, size))} inputs, "
-          f"{'batch ' + str(batch) if static else 'any batch'}) to {path} "
+          f"{'batch ' + str(batch) if static else 'any batch'}{opset}) to {path} "
           f"({path.stat().st_size / 2**20:.2f} MB)")
     if args.verify:
         sizes = [batch] if static else args.verify_batch_sizes

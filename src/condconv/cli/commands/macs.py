@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from condconv.cli.commands.options import non_negative_int
 from condconv.models import create_model
 from condconv.models.macs import CATEGORIES, CONVENTIONS, PAPER_CONVENTIONS, PAPER_FIGURES, PaperFigure, count_macs
 from condconv.models.papers import paper_table
@@ -43,8 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-kwargs", nargs="*", metavar="KEY=VALUE", default=None,
                         help="more create_model arguments (YAML values), e.g. dynamic_blocks=6 shared_routing=false")
     parser.add_argument("--csv", type=Path, default=None, metavar="PATH", help="also write the rows to a CSV file")
-    parser.add_argument("--modules", type=int, default=0, metavar="N",
-                        help="also print the N costliest modules of each configuration")
+    parser.add_argument("--modules", type=non_negative_int, default=0, metavar="N",
+                        help="also print the N costliest modules of each configuration (default 0: none)")
 
 
 def _configs(args: argparse.Namespace) -> list[tuple[str, float, int, PaperFigure | None]]:

@@ -214,8 +214,8 @@ def add_training_options(parser: argparse.ArgumentParser, *, include: Iterable[s
 
 
 # what a run folder's config.yaml records besides the options (derived from the data and the model, or per call)
-_RUN_RECORD = ("model_args", "num_classes", "in_chans", "classes", "mean", "std", "dataset_name", "segments", "convert",
-               "out", "resume")
+_RUN_RECORD = ("model_args", "params", "train_images", "num_classes", "in_chans", "classes", "mean", "std",
+               "dataset_name", "segments", "convert", "out", "resume")
 
 
 def _file_options(cfg_file: str, names: set[str]) -> dict[str, Any]:

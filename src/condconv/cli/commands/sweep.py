@@ -6,15 +6,17 @@ import argparse
 import dataclasses
 
 from condconv.cli.commands.options import add_training_options, config_from_args
-from condconv.training.config import TrainConfig, load_config_file
+from condconv.training.config import TrainConfig, check_model_kwargs, load_config_file
 from condconv.training.sweep import (
     DEFAULT_EXPERTS,
     DEFAULT_SEEDS,
     DEFAULT_WIDTHS,
+    GRID_MODEL_KWARGS,
     SWEEP_DEFAULTS,
     folder_summary,
     sweep_grid,
 )
+from condconv.utils.checks import parse_kwargs
 from condconv.utils.fileio import check_writable
 from condconv.utils.runtime import is_main_process
 
@@ -44,6 +46,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     ns = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in _GRID_ONLY})
+    file_kwargs = (load_config_file(args.config) if args.config else {}).get("model_kwargs") or {}
+    file_kwargs = file_kwargs if isinstance(file_kwargs, dict) else {}
+    for kwargs in (parse_kwargs(getattr(ns, "model_kwargs", None)), file_kwargs):
+        check_model_kwargs(kwargs, GRID_MODEL_KWARGS)  # before TrainConfig names --width for a grid option
     config, _ = config_from_args(ns, base=SWEEP_DEFAULTS)  # validates, naming bad values by their flags
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     given = {str(k).replace("-", "_") for k in (load_config_file(args.config) if args.config else {})}

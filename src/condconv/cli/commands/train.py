@@ -19,6 +19,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--list-recipes", action="store_true", help="list the packaged recipes and exit")
     parser.add_argument("--config", "-c", metavar="FILE.yaml", help="YAML file of options (flags given here override "
                         "it)")
+    parser.add_argument("--accept-config-change", action="store_true",
+                        help="resume although the run folder's config.yaml was edited, taking its new values of the "
+                             "keys that may change on resume (epochs, eval_every...: a raised epochs trains the extra "
+                             "epochs); without it an edited config.yaml is an error naming the changed keys")
     add_training_options(parser)
 
 
@@ -40,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     if args.recipe:
         base = {**load_recipe(args.recipe), "recipe": args.recipe}
     config, explicit = config_from_args(args, base=base)
-    result = train_model(config, explicit=explicit)
+    result = train_model(config, explicit=explicit, accept_config_change=args.accept_config_change)
     c = result.config
     if is_main_process():
         print(f"{c['model']} ({c['conv']}, experts={c['experts']}, width={c['width']}) on {c['dataset']}: "
