@@ -25,6 +25,8 @@ from condconv.utils.checks import positive_int, probability
 __all__ = [
     "ConvSpec",
     "STATIC",
+    "PADDINGS",
+    "SamePad2d",
     "FeatureInfo",
     "make_divisible",
     "ConvBnAct",
@@ -62,12 +64,16 @@ class ConvSpec:
             and shared by all its convolutions (built with ``routing='external'``), as in the official
             EfficientNet-CondConv code. Otherwise every dynamic layer routes itself.
         layer_kwargs: further keyword arguments of the dynamic layer (``temperature``, ``reduction``, ...).
+        padding: ``'symmetric'`` (``(k - 1) // 2`` on every side, PyTorch's) or ``'tf_same'`` (TensorFlow's
+            ``'SAME'``: output ``ceil(input / stride)``, the extra row/column at the bottom/right, computed from the
+            input size at run time where it is not symmetric; what timm's ``tf_*`` models port).
     """
 
     kind: str = "static"
     num_experts: int | None = None
     shared_routing: bool = False
     layer_kwargs: dict = field(default_factory=dict)
+    padding: str = "symmetric"
 
     @property
     def dynamic(self) -> bool:
@@ -77,18 +83,29 @@ class ConvSpec:
     def shares_routing(self) -> bool:
         return self.kind == "condconv" and self.shared_routing
 
+    def static(self) -> ConvSpec:
+        """A static convolution with this spec's padding."""
+        return ConvSpec(padding=self.padding)
+
     def per_layer(self) -> ConvSpec:
         """The same convolution routed by each layer itself (for a lone layer: head conv, classifier)."""
         return replace(self, shared_routing=False)
 
+    def runtime_pad(self, kernel_size: int, stride: int) -> bool:
+        """Whether a ``kernel_size``/``stride`` convolution pads its input at run time (``'tf_same'`` where the
+        padding is not ``(k - 1) // 2`` on every side: stride above 1 or an even kernel)."""
+        return self.padding == "tf_same" and (stride != 1 or kernel_size % 2 == 0)
+
     def conv2d(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, groups: int = 1,
                bias: bool = False) -> nn.Module:
-        """A ``kernel_size`` convolution with 'same'-style padding ``(k - 1) // 2``."""
+        """A ``kernel_size`` convolution with 'same'-style padding ``(k - 1) // 2`` (0 when :meth:`runtime_pad`:
+        :class:`ConvBnAct` pads the input first)."""
         kwargs = dict(self.layer_kwargs) if self.dynamic else {}
         if self.shares_routing:
             kwargs.pop("routing_dropout", None)  # the block's router applies it
             kwargs["routing"] = "external"
-        return make_conv2d(self.kind, in_channels, out_channels, kernel_size, stride, (kernel_size - 1) // 2, 1,
+        padding = 0 if self.runtime_pad(kernel_size, stride) else (kernel_size - 1) // 2
+        return make_conv2d(self.kind, in_channels, out_channels, kernel_size, stride, padding, 1,
                            groups, bias, num_experts=self.num_experts if self.dynamic else None, **kwargs)
 
     def block_router(self, in_channels: int) -> nn.Module | None:
@@ -101,9 +118,30 @@ class ConvSpec:
 
 
 STATIC = ConvSpec()
+PADDINGS = ("symmetric", "tf_same")
 
 
-def make_conv_spec(conv: str, num_experts: int | None, shared_routing: bool, conv_kwargs: dict | None) -> ConvSpec:
+class SamePad2d(nn.Module):
+    """TensorFlow's ``'SAME'`` padding of a ``kernel_size``/``stride`` convolution, computed from the input size:
+    ``pad = max((ceil(n / s) - 1) * s + k - n, 0)`` per axis, ``pad // 2`` before and the rest after."""
+
+    def __init__(self, kernel_size: int, stride: int) -> None:
+        super().__init__()
+        self.kernel_size, self.stride = kernel_size, stride
+
+    def forward(self, x: Tensor) -> Tensor:
+        pads = []
+        for size in (x.shape[-1], x.shape[-2]):
+            total = max((-(-size // self.stride) - 1) * self.stride + self.kernel_size - size, 0)
+            pads += [total // 2, total - total // 2]
+        return nn.functional.pad(x, pads) if any(pads) else x
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.kernel_size}, stride={self.stride}"
+
+
+def make_conv_spec(conv: str, num_experts: int | None, shared_routing: bool, conv_kwargs: dict | None,
+                   padding: str = "symmetric") -> ConvSpec:
     """Validate a model's convolution arguments and turn them into a :class:`ConvSpec`."""
     if conv not in CONV_KINDS:
         raise ValueError(f"conv must be one of {CONV_KINDS}, got {conv!r}")
@@ -117,11 +155,13 @@ def make_conv_spec(conv: str, num_experts: int | None, shared_routing: bool, con
                          f"pass conv='condconv', 'dynamic' or 'odconv' (got conv='static')")
     if not isinstance(shared_routing, bool):
         raise TypeError(f"shared_routing must be a bool or None, got {shared_routing!r}")
+    if padding not in PADDINGS:
+        raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
     kwargs = dict(conv_kwargs or {})
     if shared_routing and conv == "condconv" and "routing" in kwargs:
         raise ValueError(f"conv_kwargs['routing']={kwargs['routing']!r} conflicts with shared_routing=True "
                          "(block-shared routing is sigmoid); pass shared_routing=False to route each layer")
-    return ConvSpec(conv, num_experts, shared_routing, kwargs)
+    return ConvSpec(conv, num_experts, shared_routing, kwargs, padding)
 
 
 def resolve_dynamic_blocks(num_blocks: int, dynamic_blocks: int | str | Sequence[int] | None,
@@ -170,11 +210,19 @@ class ConvBnAct(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1, stride: int = 1, groups: int = 1,
                  *, spec: ConvSpec = STATIC, act_layer: ActLayer | None = nn.ReLU) -> None:
         super().__init__()
+        self.pad = None
+        if spec.runtime_pad(kernel_size, stride):
+            if spec.dynamic and not spec.shares_routing:
+                raise ValueError("padding='tf_same' pads a strided layer's input at run time, which a dynamic layer "
+                                 "routing itself would pool: use shared_routing=True (CondConv) or padding='symmetric'")
+            self.pad = SamePad2d(kernel_size, stride)
         self.conv = spec.conv2d(in_channels, out_channels, kernel_size, stride, groups)
         self.bn = nn.BatchNorm2d(out_channels)
         self.act = act_layer() if act_layer is not None else nn.Identity()
 
     def forward(self, x: Tensor, routing: Tensor | None = None) -> Tensor:
+        if self.pad is not None:
+            x = self.pad(x)
         return self.act(self.bn(_conv(self.conv, x, routing)))
 
 
@@ -326,8 +374,9 @@ class _ResidualBlock(_Block):
         super().__init__(in_channels, out_channels, stride, spec)
         if not isinstance(dynamic_shortcut, bool):
             raise TypeError(f"dynamic_shortcut must be a bool, got {dynamic_shortcut!r}")
-        self.downsample = ConvBnAct(in_channels, out_channels, 1, stride, spec=spec if dynamic_shortcut else STATIC,
-                                    act_layer=None) if stride != 1 or in_channels != out_channels else None
+        shortcut = spec if dynamic_shortcut else spec.static()
+        self.downsample = ConvBnAct(in_channels, out_channels, 1, stride, spec=shortcut, act_layer=None) \
+            if stride != 1 or in_channels != out_channels else None
         self.act = act_layer()
 
     def body(self, x: Tensor, routing: Tensor | None) -> Tensor:
