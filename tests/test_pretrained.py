@@ -347,3 +347,76 @@ def test_timm_names_are_aliases():
     model = create_model("tf_efficientnet_cc_b1_8e", num_classes=10)
     assert sum(1 for _ in model.blocks) == 23 and model.stem.pad is not None
     assert all(m.eps == 1e-3 for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+
+
+def _image_folder(root, classes=3, per_class=2, seed=0):
+    from PIL import Image
+
+    gen = torch.Generator().manual_seed(seed)
+    for c in range(classes):
+        (root / f"n0{c}").mkdir(parents=True)
+        for i in range(per_class):
+            h, w = int(torch.randint(180, 300, (), generator=gen)), int(torch.randint(180, 300, (), generator=gen))
+            pixels = torch.randint(0, 256, (h, w, 3), generator=gen, dtype=torch.uint8).numpy()
+            Image.fromarray(pixels).save(root / f"n0{c}" / f"img{i}.png")
+    return root
+
+
+def test_eval_command_runs_a_published_file_with_its_sources_preprocessing(tmp_path):
+    from PIL import Image
+
+    from condconv.cli import main
+    from condconv.data.preprocess import eval_transform
+    from condconv.models.pretrained import eval_config
+
+    official = _randomise(OfficialMobileNetV2(0.5, 1, classes=3)).eval()
+    path = tmp_path / "od_mobilenetv2_050_1x.pth.tar"
+    save_official(official, path)
+    val = _image_folder(tmp_path / "val")
+    out = tmp_path / "result.json"
+    assert main(["eval", "--model", "odconv_mobilenet_v2_050_1x", "--pretrained", str(path), "--data", "imagefolder",
+                 "--data-dir", str(val), "--model-kwargs", "num_classes=3", "--json", str(out), "--no-progress",
+                 "--workers", "0"]) == 0
+    import json
+
+    res = json.loads(out.read_text())
+    cfg = eval_config("odconv_mobilenet_v2_050_1x")
+    assert res["preprocess"]["interpolation"] == "bilinear" and res["images"] == 6
+    images = sorted(val.glob("*/*.png"))
+    x = torch.stack([eval_transform(Image.open(p), image_size=cfg.image_size, crop_pct=cfg.crop_pct,
+                                    interpolation=cfg.interpolation, mean=cfg.mean, std=cfg.std) for p in images])
+    labels = torch.tensor([int(p.parent.name[2:]) for p in images])
+    with torch.no_grad():
+        top1 = (official(x).argmax(1) == labels).double().mean().item() * 100
+    assert res["top1"] == pytest.approx(top1)
+    assert main(["eval", "--model", "odconv_mobilenet_v2_050_1x", "--data-dir", str(val)]) != 0
+
+
+def test_backbone_out_indices_levels_and_norm_eval():
+    model = create_model("odconv_mobilenet_v2_050_4x", features_only=True, out_indices=(2, 4), norm_eval=True,
+                         width_mult=0.25)
+    assert [(f.reduction, f.channels) for f in model.feature_info] == [(8, 8), (32, 80)]
+    model.train()
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert any(isinstance(m, nn.BatchNorm1d) for m in norms) and not any(m.training for m in norms)
+    assert model.training and all(m.training for m in model.modules() if isinstance(m, condconv.ODConv2d))
+    x = torch.randn(1, 3, 64, 64)  # batch 1 trains: the routers' BatchNorm uses its running statistics
+    feats = model(x)
+    assert [tuple(f.shape[1:]) for f in feats] == [(8, 8, 8), (80, 2, 2)]
+    feats[-1].sum().backward()
+    levels = model.levels()
+    assert [n for n, _ in levels.named_children()] == [f"level{i}" for i in range(1, 6)]
+    levels.train()
+    assert not any(m.training for m in levels.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
+    model.eval()
+    with torch.no_grad():
+        outs, y = [], x
+        for level in levels:
+            y = level(y)
+            outs.append(y)
+        torch.testing.assert_close(outs[2], model(x)[0])
+        torch.testing.assert_close(outs[4], model(x)[1])
+    with pytest.raises(ValueError, match="out_indices must be increasing level indices in 0-4"):
+        create_model("resnet18", features_only=True, out_indices=(3, 1))
+    with pytest.raises(ValueError, match="needs features_only=True"):
+        create_model("resnet18", out_indices=(1,))

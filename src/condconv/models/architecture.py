@@ -202,7 +202,8 @@ class Architecture:
               dynamic_shortcut: bool | None = None, dynamic_pre_logits: bool | None = None,
               conv_kwargs: dict | None = None, init: str = "default", features_only: bool = False,
               drop_connect_rate: float = 0.0, bn_momentum: float | None = None, bn_eps: float | None = None,
-              padding: str = "symmetric") -> ConvNet:
+              padding: str = "symmetric", out_indices: Sequence[int] | None = None, norm_eval: bool = False
+              ) -> ConvNet:
         """Build the model.
 
         Args:
@@ -230,15 +231,14 @@ class Architecture:
                 official EfficientNet-CondConv code), PyTorch's (torchvision's, as the official ODConv code) for
                 DynamicConv and ODConv (see ``blocks._init_weights``). A static model's is PyTorch's either way.
             features_only: no head; ``forward`` returns the five feature maps (see :attr:`ConvNet.feature_info`).
+            out_indices, norm_eval: levels ``features_only`` returns; BatchNorm kept in eval mode (:class:`ConvNet`).
             drop_connect_rate: drop-connect (stochastic depth) of the residual blocks in training, rising linearly
                 with the block's position as the EfficientNet code does: block ``i`` of ``n`` drops its branch with
                 probability ``drop_connect_rate * i / n``. Default 0 (off).
             bn_momentum: momentum of every BatchNorm layer, in PyTorch's convention (TensorFlow's 0.99 is 0.01);
                 ``None``: PyTorch's 0.1.
             bn_eps: epsilon of every BatchNorm layer (``None``: PyTorch's 1e-5; the TensorFlow recipes use 1e-3).
-            padding: ``'symmetric'`` (default, ``(k - 1) // 2``) or ``'tf_same'`` (TensorFlow's ``'SAME'``, as the
-                TensorFlow-trained weights of timm's ``tf_*`` models need; see
-                :class:`~condconv.models.blocks.ConvSpec`).
+            padding: ``'symmetric'`` (default) or ``'tf_same'`` (TensorFlow's; :class:`.blocks.ConvSpec`).
         """
         positive_int(in_chans, "in_chans")
         probability(drop_connect_rate, "drop_connect_rate")
@@ -286,7 +286,8 @@ class Architecture:
         model = ConvNet(stem=stem, blocks=units, channels=channels, strides=strides, nominal_strides=nominal,
                         head_conv=head_conv, num_features=in_ch, num_classes=num_classes,
                         dropout=self.dropout if dropout is None else dropout, classifier_spec=classifier_spec,
-                        features_only=features_only, head_options=head_options, init_scheme=init_scheme)
+                        features_only=features_only, head_options=head_options, init_scheme=init_scheme,
+                        out_indices=out_indices, norm_eval=norm_eval)
         for module in model.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.momentum = module.momentum if bn_momentum is None else float(bn_momentum)

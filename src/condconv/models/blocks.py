@@ -492,6 +492,26 @@ def check_width(width_mult: object) -> float:
     return float(width_mult)
 
 
+def _norms_to_eval(module: nn.Module) -> None:
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+class _Level(nn.Sequential):
+    """One feature level of :meth:`ConvNet.levels`: its BatchNorm layers stay in eval mode when ``norm_eval``."""
+
+    def __init__(self, *modules: nn.Module, norm_eval: bool = False) -> None:
+        super().__init__(*modules)
+        self.norm_eval = norm_eval
+
+    def train(self, mode: bool = True) -> _Level:
+        super().train(mode)
+        if mode and self.norm_eval:
+            _norms_to_eval(self)
+        return self
+
+
 class ConvNet(nn.Module):
     """The skeleton every model of the zoo shares: ``stem -> blocks -> head_conv -> ClassifierHead``.
 
@@ -512,6 +532,10 @@ class ConvNet(nn.Module):
         dropout: dropout before the classifier.
         classifier_spec: ``STATIC`` for an ``nn.Linear`` classifier, else the dynamic classifier's spec.
         features_only: drop the head; ``forward`` returns the list of the five feature maps.
+        out_indices: with ``features_only``: which of the five levels (0-4: strides 2, 4, 8, 16, 32) ``forward``
+            returns and :attr:`feature_info` describes (``None``: all); the blocks after the last are not run.
+        norm_eval: keep every BatchNorm layer (the routers' included) in eval mode while the rest trains, as
+            detection configs do (batches of 1-2 images per GPU); :meth:`train` honours it.
         head_options: more :class:`ClassifierHead` arguments (``hidden``, ``hidden_act``, ``hidden_spec``: a
             pre-logits layer; then :attr:`num_features` is its width, the classifier's input).
         init_scheme: initialisation of the static layers (:data:`INIT_SCHEMES`); dynamic layers and routers keep
@@ -521,8 +545,12 @@ class ConvNet(nn.Module):
     def __init__(self, *, stem: nn.Module, blocks: Sequence[nn.Module], channels: Sequence[int],
                  strides: Sequence[int], nominal_strides: Sequence[int], head_conv: nn.Module | None,
                  num_features: int, num_classes: int, dropout: float, classifier_spec: ConvSpec,
-                 features_only: bool, head_options: dict | None = None, init_scheme: str = "torch") -> None:
+                 features_only: bool, head_options: dict | None = None, init_scheme: str = "torch",
+                 out_indices: Sequence[int] | None = None, norm_eval: bool = False) -> None:
         super().__init__()
+        if not isinstance(norm_eval, bool):
+            raise TypeError(f"norm_eval must be a bool, got {norm_eval!r}")
+        self.norm_eval = norm_eval
         positive_int(num_classes, "num_classes")
         probability(dropout, "dropout")
         if not isinstance(features_only, bool):
@@ -531,6 +559,16 @@ class ConvNet(nn.Module):
         self.blocks = nn.Sequential(*blocks)
         self.features_only = features_only
         self.feature_info, self._feature_index = self._levels(channels, strides, nominal_strides)
+        self._level_index = list(self._feature_index)
+        if out_indices is not None:
+            if not features_only:
+                raise ValueError(f"out_indices={out_indices!r} needs features_only=True")
+            if isinstance(out_indices, (str, bytes)) or not all(
+                    isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 5 for i in out_indices) \
+                    or list(out_indices) != sorted(set(out_indices)) or not out_indices:
+                raise ValueError(f"out_indices must be increasing level indices in 0-4, got {out_indices!r}")
+            self.feature_info = [self.feature_info[i] for i in out_indices]
+            self._feature_index = [self._feature_index[i] for i in out_indices]
         if features_only:
             self.head_conv, self.head = nn.Identity(), None
             self.num_features = self.feature_info[-1].channels
@@ -567,17 +605,42 @@ class ConvNet(nn.Module):
         return self.head(x, pre_logits)
 
     def forward_intermediates(self, x: Tensor) -> list[Tensor]:
-        """The five feature maps described by :attr:`feature_info`."""
+        """The feature maps described by :attr:`feature_info` (the five levels, or those of ``out_indices``)."""
         wanted = set(self._feature_index)
+        last = max(wanted)
         out = []
         x = self.stem(x)
         if 0 in wanted:
             out.append(x)
         for index, block in enumerate(self.blocks, start=1):
+            if index > last:
+                break
             x = block(x)
             if index in wanted:
                 out.append(x)
         return out
+
+    def levels(self) -> nn.Sequential:
+        """The network up to stride 32 as ``nn.Sequential`` of five children ``level1`` ... ``level5`` (strides 2
+        ... 32; sharing this model's modules, and its :attr:`norm_eval`), for detection code that picks feature maps
+        by child name, e.g. torchvision's ``BackboneWithFPN(model.levels(), {'level2': '0', ...}, ...)``."""
+        from collections import OrderedDict
+
+        units = [self.stem, *self.blocks]
+        parts, start = OrderedDict(), 0
+        for level, end in enumerate(self._level_index, start=1):
+            parts[f"level{level}"] = _Level(*units[start:end + 1], norm_eval=self.norm_eval)
+            start = end + 1
+        return nn.Sequential(parts)
+
+    def train(self, mode: bool = True) -> ConvNet:
+        """Set training mode; with :attr:`norm_eval` every BatchNorm layer stays in eval mode (running statistics
+        used and kept)."""
+        super().train(mode)
+        if mode and getattr(self, "norm_eval", False):
+            _norms_to_eval(self)
+        return self
+
 
     def forward(self, x: Tensor) -> Tensor | list[Tensor]:
         """``(B, in_chans, H, W)`` -> logits ``(B, num_classes)``, or the feature maps when ``features_only``."""

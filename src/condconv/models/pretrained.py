@@ -26,10 +26,11 @@ Example:
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,8 @@ from torch import Tensor, nn
 from condconv.models.checkpoint import CONFIG_METADATA_KEY, _torch_load, read_weights, resolve_weights_path
 from condconv.utils.runtime import unwrap
 
-__all__ = ["SourceFormat", "Layout", "FORMATS", "LAYOUTS", "read_pretrained", "load_pretrained", "PretrainedFile"]
+__all__ = ["SourceFormat", "Layout", "FORMATS", "LAYOUTS", "read_pretrained", "load_pretrained", "PretrainedFile",
+           "EvalConfig", "Published", "PUBLISHED", "eval_config", "published"]
 
 #: condconv state_dict entries that other codes do not store: the routers' temperature buffers (the sources keep the
 #: temperature as a plain attribute, 1 after training); the model's own values are kept.
@@ -426,3 +428,105 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike | PretrainedFile, 
         for key, value in tensors.items():
             own[key].copy_(value)
     return model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the published weights and how their sources evaluate them
+# ----------------------------------------------------------------------------------------------------------------
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+INCEPTION_MEAN = INCEPTION_STD = (0.5, 0.5, 0.5)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """A source's evaluation preprocessing: resize the shorter side to ``floor(image_size / crop_pct)`` with
+    ``interpolation`` (Pillow's, as torchvision's ``Resize`` on images), center-crop ``image_size``, scale to [0, 1],
+    normalise with ``mean``/``std`` (see :func:`condconv.data.preprocess.eval_transform`)."""
+
+    image_size: int = 224
+    crop_pct: float = 0.875
+    interpolation: str = "bilinear"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    @property
+    def resize(self) -> int:
+        """The shorter side before the crop."""
+        return math.floor(self.image_size / self.crop_pct)
+
+
+#: OSVAI/ODConv ``main.py`` evaluates with ``Resize(256)``, ``CenterCrop(224)`` (torchvision, bilinear), ImageNet
+#: mean/std
+ODCONV_EVAL = EvalConfig()
+#: timm's ``pretrained_cfg`` of ``tf_efficientnet_cc_*``: bicubic, crop 0.875 (B1: 240 px, 0.882), Inception mean/std
+TIMM_TF_EVAL = EvalConfig(224, 0.875, "bicubic", INCEPTION_MEAN, INCEPTION_STD)
+
+
+@dataclass(frozen=True)
+class Published:
+    """One published checkpoint: the condconv model that takes it, where it comes from, the source's figure.
+
+    Attributes:
+        model: the registered name. model_kwargs: its arguments (width of a static baseline).
+        source: who published it. file: the downloaded file. top1: the source's ImageNet top-1 (percent).
+        eval: the source's evaluation preprocessing.
+        alias: the source's own name of the model, where condconv accepts it (timm's).
+    """
+
+    model: str
+    model_kwargs: dict
+    source: str
+    file: str
+    top1: float
+    eval: EvalConfig
+    alias: str | None = None
+
+
+_TIMM = "timm (ported from the official TensorFlow EfficientNet-CondConv checkpoints)"
+_OD = "OSVAI/ODConv README (Google Drive / Baidu 'model' links; a main.py checkpoint)"
+
+
+def _timm(name: str, timm_name: str, top1: float, **eval_changes) -> Published:
+    return Published(name, {}, _TIMM, f"{timm_name}.in1k: model.safetensors (Hugging Face timm/{timm_name}.in1k) "
+                     f"or the .pth of its pretrained_cfg url", top1, replace(TIMM_TF_EVAL, **eval_changes), timm_name)
+
+
+def _od(name: str, official: str, top1: float, **kwargs) -> Published:
+    return Published(name, kwargs, _OD, f"{official} (.pth.tar)", top1, ODCONV_EVAL)
+
+
+PUBLISHED: tuple[Published, ...] = (
+    _timm("tf_condconv_efficientnet_b0_4e", "tf_efficientnet_cc_b0_4e", 77.324),
+    _timm("tf_condconv_efficientnet_b0_8e", "tf_efficientnet_cc_b0_8e", 77.956),
+    _timm("tf_condconv_efficientnet_b1_8e", "tf_efficientnet_cc_b1_8e", 79.318, image_size=240, crop_pct=0.882),
+    _od("mobilenet_v2", "mobilenetv2_100", 71.65),
+    _od("odconv_mobilenet_v2_100_1x", "od_mobilenetv2_100, kernel_num 1", 74.74),
+    _od("odconv_mobilenet_v2_100_4x", "od_mobilenetv2_100, kernel_num 4", 75.29),
+    _od("mobilenet_v2", "mobilenetv2_075", 69.18, width_mult=0.75),
+    _od("odconv_mobilenet_v2_075_1x", "od_mobilenetv2_075, kernel_num 1", 72.71),
+    _od("odconv_mobilenet_v2_075_4x", "od_mobilenetv2_075, kernel_num 4", 74.01),
+    _od("mobilenet_v2", "mobilenetv2_050", 64.30, width_mult=0.5),
+    _od("odconv_mobilenet_v2_050_1x", "od_mobilenetv2_050, kernel_num 1", 68.06),
+    _od("odconv_mobilenet_v2_050_4x", "od_mobilenetv2_050, kernel_num 4", 70.23),
+    _od("resnet18", "resnet18", 70.25),
+    _od("odconv_resnet18_1x", "od_resnet18, kernel_num 1", 73.05),
+    _od("odconv_resnet18_4x", "od_resnet18, kernel_num 4", 74.19),
+    _od("resnet50", "resnet50", 76.23),
+    _od("odconv_resnet50_1x", "od_resnet50, kernel_num 1", 77.87),
+    _od("odconv_resnet50_4x", "od_resnet50, kernel_num 4", 78.50),
+    _od("resnet101", "resnet101", 77.44),
+    _od("odconv_resnet101_1x", "od_resnet101, kernel_num 1", 78.84),
+    _od("odconv_resnet101_2x", "od_resnet101, kernel_num 2", 79.15),
+)
+
+
+def published(name: str) -> list[Published]:
+    """The published checkpoints a registered model (or its source's name of it) takes."""
+    return [row for row in PUBLISHED if name in (row.model, row.alias)]
+
+
+def eval_config(name: str) -> EvalConfig:
+    """The evaluation preprocessing of the published weights of ``name`` (a registered name or alias); models
+    without published weights get the ImageNet default (224 px, crop 0.875, bilinear, ImageNet mean/std)."""
+    rows = published(name)
+    return rows[0].eval if rows else EvalConfig()

@@ -19,7 +19,7 @@ from condconv.data import EpochLoader, ImageDataset, build_dataset
 from condconv.models.checkpoint import config_classes, config_in_chans, load_checkpoint
 from condconv.utils.runtime import DistInfo, all_reduce_sum, amp_dtype, autocast, resolve_device
 
-__all__ = ["dataset_for_checkpoint", "evaluate", "evaluate_checkpoint"]
+__all__ = ["dataset_for_checkpoint", "evaluate", "evaluate_checkpoint", "evaluate_pretrained"]
 
 
 @torch.no_grad()
@@ -158,4 +158,49 @@ def evaluate_checkpoint(
     result = evaluate(model, loader, device=dev, amp_dtype=amp_dtype(amp, dev), progress=progress)
     result.update(checkpoint=str(checkpoint), model=config["model"], dataset=ds.name, split=ds.split,
                   classes=list(ds.classes))
+    return result
+
+
+def evaluate_pretrained(
+    model_name: str,
+    pretrained: str | os.PathLike,
+    *,
+    data_dir: str | os.PathLike,
+    dataset: str = "imagefolder",
+    split: str = "test",
+    model_kwargs: Mapping[str, Any] | None = None,
+    batch_size: int = 256,
+    device: str = "auto",
+    amp: str = "none",
+    workers: int | None = 0,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Evaluate a published checkpoint as its source does: ``create_model(model_name, pretrained=...)`` on an
+    ImageFolder tree (an ImageNet validation folder) with the model's published evaluation preprocessing
+    (:func:`condconv.models.pretrained.eval_config`: resize, crop, interpolation, mean/std).
+
+    Returns:
+        :func:`evaluate`'s dict plus ``checkpoint`` (the file), ``model``, ``dataset``, ``split``, ``classes`` and
+        ``preprocess`` (the preprocessing used, as a dict).
+
+    Raises:
+        ValueError: the file does not fit the model, or the folder's class count differs from the model's.
+    """
+    from dataclasses import asdict
+
+    from condconv.models import create_model
+    from condconv.models.pretrained import eval_config
+
+    model = create_model(model_name, pretrained=pretrained, **dict(model_kwargs or {}))
+    cfg = eval_config(model_name)
+    ds = build_dataset(dataset, split, data_dir=data_dir, augment=False, preprocess=cfg)
+    if ds.num_classes != model.num_classes:
+        raise ValueError(f"{model_name} from {pretrained} predicts {model.num_classes} classes but {data_dir} has "
+                         f"{ds.num_classes} class folders")
+    dev = resolve_device(device)
+    model.to(dev)
+    loader = EpochLoader(ds, batch_size, num_workers=workers, pin_memory=dev.type == "cuda")
+    result = evaluate(model, loader, device=dev, amp_dtype=amp_dtype(amp, dev), progress=progress)
+    result.update(checkpoint=str(pretrained), model=model_name, dataset=ds.name, split=ds.split,
+                  classes=list(ds.classes), preprocess=asdict(cfg))
     return result
