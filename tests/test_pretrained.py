@@ -420,3 +420,62 @@ def test_backbone_out_indices_levels_and_norm_eval():
         create_model("resnet18", features_only=True, out_indices=(3, 1))
     with pytest.raises(ValueError, match="needs features_only=True"):
         create_model("resnet18", out_indices=(1,))
+
+
+def _imported(tmp_path, capsys):
+    from condconv.cli import main
+
+    official = _randomise(OfficialMobileNetV2(0.5, 4, classes=3)).eval()
+    path = tmp_path / "od_mobilenetv2_050_4x.pth.tar"
+    save_official(official, path)
+    run = tmp_path / "runs" / "odconv_mobilenet_v2_050_4x"
+    assert main(["import", "odconv_mobilenet_v2_050_4x", str(path), "--model-kwargs", "num_classes=3",
+                 "--out", str(run)]) == 0
+    assert "od_mobilenetv2_050 with kernel_num=4" in capsys.readouterr().out
+    return official, path, run
+
+
+def test_import_makes_a_run_folder_evaluated_as_the_source_does(tmp_path, capsys):
+    import json
+
+    from condconv.cli import main
+    from condconv.models.checkpoint import load_checkpoint
+
+    official, path, run = _imported(tmp_path, capsys)
+    model, config = load_checkpoint(run)
+    assert config["preprocess"]["crop_pct"] == 0.875 and config["imported_from"]["format"] == "odconv"
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(model.double()(x), official.double()(x), rtol=1e-6, atol=1e-9)
+    val = _image_folder(tmp_path / "val")
+    results = []
+    for argv in (["eval", str(run)], ["eval", "--model", "odconv_mobilenet_v2_050_4x", "--pretrained", str(path),
+                                      "--model-kwargs", "num_classes=3"]):
+        assert main([*argv, "--data-dir", str(val), "--no-progress", "--workers", "0", "--json", "-"]) == 0
+        results.append(json.loads(capsys.readouterr().out))
+    first, second = results  # the run folder is evaluated with the source's preprocessing too
+    assert first["images"] == 6 and first["top1"] == second["top1"]
+    assert first["loss"] == pytest.approx(second["loss"], rel=1e-6)
+    assert main(["import", "odconv_mobilenet_v2_050_1x", str(path), "--model-kwargs", "num_classes=3",
+                 "--out", str(tmp_path / "wrong")]) == 2
+    assert not (tmp_path / "wrong").exists()
+
+
+@pytest.mark.slow
+def test_an_imported_run_folder_goes_to_routing_export_and_fine_tuning(tmp_path, capsys):
+    from condconv.cli import main
+    from condconv.models.checkpoint import load_checkpoint
+
+    _, _, run = _imported(tmp_path, capsys)
+    model, _ = load_checkpoint(run)
+    data = tmp_path / "data"
+    _image_folder(data / "train", seed=1), _image_folder(data / "val", seed=2)
+    assert main(["routing", str(run), "--data-dir", str(data), "--out", str(tmp_path / "routing"), "--no-progress",
+                 "--workers", "0"]) == 0
+    assert main(["export", str(run), "--format", "torchscript", "--out", str(tmp_path / "m.pt"), "--verify"]) == 0
+    tuned = tmp_path / "tuned"
+    assert main(["train", "--init", str(run), "--dataset", "imagefolder", "--data-dir", str(data), "--image-size",
+                 "64", "--epochs", "1", "--batch-size", "2", "--eval-every", "0", "--no-progress", "--workers", "0",
+                 "--out", str(tuned)]) == 0
+    tuned_model, _ = load_checkpoint(tuned)
+    assert not torch.equal(tuned_model.state_dict()["head.fc.weight"], model.state_dict()["head.fc.weight"])

@@ -23,6 +23,7 @@ __all__ = ["COMMANDS", "build_parser", "main"]
 COMMANDS: tuple[tuple[str, str], ...] = (
     ("train", "condconv.cli.commands.train"),
     ("eval", "condconv.cli.commands.eval"),
+    ("import", "condconv.cli.commands.import_weights"),
     ("sweep", "condconv.cli.commands.sweep"),
     ("routing", "condconv.cli.commands.routing"),
     ("macs", "condconv.cli.commands.macs"),

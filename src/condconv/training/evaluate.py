@@ -121,7 +121,15 @@ def dataset_for_checkpoint(checkpoint: str | os.PathLike, config: Mapping[str, A
     """
     name = dataset or config.get("dataset", "digits")
     folder = data_dir if data_dir is not None else config.get("data_dir")
-    ds = build_dataset(name, split, data_dir=folder, image_size=image_size or config.get("image_size"), augment=False)
+    preprocess = None
+    if isinstance(config.get("preprocess"), dict) and image_size is None and str(name).lower() == "imagefolder":
+        from condconv.models.pretrained import EvalConfig  # an imported model: evaluated as its source does
+
+        raw = config["preprocess"]
+        preprocess = EvalConfig(int(raw["image_size"]), float(raw["crop_pct"]), str(raw["interpolation"]),
+                                tuple(raw["mean"]), tuple(raw["std"]))
+    ds = build_dataset(name, split, data_dir=folder, image_size=image_size or config.get("image_size"), augment=False,
+                       preprocess=preprocess)
     if ds.num_classes != config_classes(config):
         raise ValueError(f"checkpoint {checkpoint} predicts {config_classes(config)} classes but {name} has "
                          f"{ds.num_classes}")
