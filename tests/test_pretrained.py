@@ -289,7 +289,7 @@ def test_unknown_formats_and_unsafe_pickles_are_refused_naming_the_file(tmp_path
     unsafe = tmp_path / "unsafe.pth"
     with open(unsafe, "wb") as f:
         pickle.dump({"state_dict": _Attention(16, 16, 3, 1, 2)}, f)
-    with pytest.raises(ValueError, match=rf"(refusing to load|corrupt or unreadable) pretrained weights {unsafe}"):
+    with pytest.raises(ValueError, match=rf"(refusing to load|corrupt or unreadable) weights file {unsafe}"):
         read_pretrained(unsafe)
     with pytest.raises(FileNotFoundError, match="nothing.pth"):
         create_model("resnet18", pretrained=tmp_path / "nothing.pth")
@@ -483,3 +483,19 @@ def test_an_imported_run_folder_goes_to_routing_export_and_fine_tuning(tmp_path,
                  "--out", str(tuned)]) == 0
     tuned_model, _ = load_checkpoint(tuned)
     assert not torch.equal(tuned_model.state_dict()["head.fc.weight"], model.state_dict()["head.fc.weight"])
+
+
+def test_training_checkpoints_wrapping_a_state_dict_and_the_weights_option_of_export_and_convert(tmp_path):
+    from condconv.models.checkpoint import load_model
+
+    model = create_model("resnet18_cifar", num_classes=10, width_mult=0.25)
+    path = tmp_path / "last.pt"
+    torch.save({"model": {f"module.{k}": v for k, v in model.state_dict().items()}, "epoch": 3}, path)
+    assert read_pretrained(path).format.name == "wrapped"
+    loaded, _ = load_model("resnet18_cifar", {"num_classes": 10, "width_mult": 0.25}, path)
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
+    official = tmp_path / "od.pth.tar"  # convert / export --weights take the sources' files too
+    save_official(_randomise(OfficialResNet((2, 2, 2, 2), False, 4, classes=10)), official)
+    loaded, _ = load_model("odconv_resnet18_4x", {"num_classes": 10}, official)
+    with pytest.raises(ValueError, match="do not fit resnet18_cifar"):
+        load_model("resnet18_cifar", {"num_classes": 10}, official)

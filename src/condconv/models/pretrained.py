@@ -89,12 +89,26 @@ def _odconv_detect(raw: _Raw) -> bool:
     return isinstance(obj, dict) and _all_tensors(obj.get("state_dict")) and "best_acc" in obj and "epoch" in obj
 
 
+_WRAPPERS = ("state_dict", "model", "model_state_dict")
+
+
+def _wrapped(raw: _Raw) -> str | None:
+    """The key under which a training script's checkpoint dict holds its state_dict, or None."""
+    obj = raw.obj
+    return next((k for k in _WRAPPERS if isinstance(obj, dict) and _all_tensors(obj.get(k))), None)
+
+
+#: tried in order: a more specific format (e.g. KernelWarehouse's ``{'model', 'optimizer', 'epoch', 'scaler',
+#: 'args'}``) goes before the generic ``wrapped`` and ``state_dict`` entries
 FORMATS: tuple[SourceFormat, ...] = (
     SourceFormat("condconv", "a condconv weights file (condconv train / convert / import)",
                  lambda raw: raw.metadata is not None and CONFIG_METADATA_KEY in raw.metadata,
                  lambda raw: dict(raw.obj)),
     SourceFormat("odconv", "an official ODConv training checkpoint (OSVAI/ODConv main.py: epoch, state_dict, acc, "
                  "best_acc, optimizer)", _odconv_detect, lambda raw: _strip_module(raw.obj["state_dict"])),
+    SourceFormat("wrapped", "a training checkpoint with its state_dict under 'state_dict', 'model' or "
+                 "'model_state_dict'", lambda raw: _wrapped(raw) is not None,
+                 lambda raw: _strip_module(raw.obj[_wrapped(raw)])),
     SourceFormat("state_dict", "a plain state_dict (timm, torchvision)", lambda raw: _all_tensors(raw.obj),
                  lambda raw: _strip_module(raw.obj)),
 )
@@ -339,7 +353,7 @@ def _read_raw(path: Path) -> _Raw:
     if path.suffix == ".safetensors" or (len(head) == 8 and not head.startswith(b"PK") and head[:1] != b"\x80"):
         tensors, metadata = read_weights(path)
         return _Raw(path, tensors, metadata)
-    return _Raw(path, _torch_load(path, "pretrained weights"), None)
+    return _Raw(path, _torch_load(path, "weights file"), None)
 
 
 def read_pretrained(path: str | os.PathLike) -> PretrainedFile:
