@@ -434,9 +434,9 @@ def test_a_weights_file_that_does_not_fit_names_the_file_and_the_first_keys(tmp_
     assert main(["convert", "resnet18_cifar", "--model-kwargs", "num_classes=10", "width_mult=0.25",
                  "--weights", str(bad), "--out", str(out)]) == 2
     message = _error(capsys, "convert")
-    assert f"weights file {bad} does not match the model" in message, message
-    assert f"missing ['{first}']" in message and "unexpected ['extra.weight']" in message
-    assert "head.fc.weight: (3, 128) vs model (10, 128)" in message
+    assert f"pretrained weights {bad} (" in message and "do not fit resnet18_cifar" in message, message
+    assert f"missing [{first}]" in message and "unexpected [extra.weight]" in message
+    assert "mis-shaped [head.fc.weight (3, 128) -> head.fc.weight (10, 128)]" in message
     assert not out.exists()
 
 

@@ -32,7 +32,8 @@ def _tiny(name: str, kind: str, **kwargs) -> ConvNet:
 
 
 def test_registry_lists_every_family_and_its_cifar_variant():
-    assert IMAGENET == ["efficientnet_b0", "mnasnet_a1", "mobilenet_v1", "mobilenet_v2", "mobilenet_v3_large",
+    assert IMAGENET == ["efficientnet_b0", "efficientnet_b1", "mnasnet_a1",
+                        "mobilenet_v1", "mobilenet_v2", "mobilenet_v3_large",
                         "mobilenet_v3_small", "resnet10", "resnet101", "resnet18", "resnet34", "resnet50"]
     assert CIFAR == sorted(f"{name}_cifar" for name in IMAGENET)
     assert list_models("resnet1*") == ["resnet10", "resnet101", "resnet101_cifar", "resnet10_cifar", "resnet18",
@@ -101,6 +102,7 @@ def _dynamic_layers(model: nn.Module) -> list[str]:
     ("mobilenet_v2", 7, True, True),
     ("mnasnet_a1", 6, False, False),
     ("efficientnet_b0", 8, False, False),
+    ("efficientnet_b1", 11, False, False),
     ("resnet18", 2, False, False),
     ("resnet50", 3, False, False),
     ("resnet10", 1, False, False),
@@ -187,7 +189,8 @@ def test_imagenet_models_run_at_224():
 def test_parameter_counts_of_the_standard_models():
     # torchvision / timm counts: the architectures are the standard ones
     expected = {"mobilenet_v2": 3_504_872, "resnet18": 11_689_512, "resnet50": 25_557_032,
-                "efficientnet_b0": 5_288_548, "mnasnet_a1": 3_887_038, "resnet34": 21_797_672,
+                "efficientnet_b0": 5_288_548, "efficientnet_b1": 7_794_184, "mnasnet_a1": 3_887_038,
+                "resnet34": 21_797_672,
                 "resnet101": 44_549_160, "mobilenet_v3_small": 2_542_856, "mobilenet_v3_large": 5_483_032}
     with torch.device("meta"):
         counts = {name: sum(p.numel() for p in create_model(name).parameters()) for name in expected}

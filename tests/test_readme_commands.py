@@ -63,7 +63,11 @@ def test_ci_runs_exactly_the_readme_test_command():
     readme_command = _commands(_BLOCK.search(testing).group(1))[0]
     ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()
           if line.strip() and not line.startswith("#")]
-    assert ci[-1] == readme_command == "python -m pytest"
+    assert readme_command == "python -m pytest" and readme_command in ci
+    # then the interop stage, in its own environment, as the README's "Pretrained models" section says
+    interop = ci[ci.index(readme_command) + 1:]
+    assert interop[-1] == "python -m pytest -m interop tests/test_interop_timm.py" and interop[-1] in TEXT
+    assert any("torchvision==" in line and "timm" in line for line in interop)
 
 
 def _shim(folder: Path) -> Path:

@@ -36,6 +36,7 @@ _PUBLIC = {
     **dict.fromkeys(["create_model", "list_models", "register_model"], "condconv.models"),
     "count_macs": "condconv.models.macs",
     "load_checkpoint": "condconv.models.checkpoint",
+    "load_pretrained": "condconv.models.pretrained",
     **dict.fromkeys(["EpochLoader", "build_dataset"], "condconv.data"),
     **dict.fromkeys(["export_model", "load_exported", "verify_export"], "condconv.deploy.export"),
     "TrainConfig": "condconv.training.config",

@@ -1,4 +1,4 @@
-"""The ``condconv`` command line: ``condconv train|eval|sweep|routing|macs|bench|export|convert``.
+"""The ``condconv`` command line: ``condconv train|eval|import|sweep|routing|macs|bench|export|convert``.
 
 Each subcommand is a module of :mod:`condconv.cli.commands` with ``HELP``, ``add_arguments(parser)`` and
 ``run(args) -> int``; this file is the entry point, the table that wires them, and the one place that turns errors
@@ -27,6 +27,7 @@ __all__ = ["COMMANDS", "SUMMARIES", "build_parser", "main"]
 COMMANDS: tuple[tuple[str, str], ...] = (
     ("train", "condconv.cli.commands.train"),
     ("eval", "condconv.cli.commands.eval"),
+    ("import", "condconv.cli.commands.import_weights"),
     ("sweep", "condconv.cli.commands.sweep"),
     ("routing", "condconv.cli.commands.routing"),
     ("macs", "condconv.cli.commands.macs"),
@@ -38,7 +39,8 @@ COMMANDS: tuple[tuple[str, str], ...] = (
 #: Each subcommand's ``HELP``, for ``condconv --help`` without importing the command modules (a test keeps them equal).
 SUMMARIES: dict[str, str] = {
     "train": "train a registered model (embedded digits by default, CIFAR, ImageFolder)",
-    "eval": "evaluate a checkpoint: top-1/top-5, loss, per-class accuracy, images/s",
+    "eval": "evaluate a checkpoint or a published model file: top-1/top-5, loss, per-class accuracy, images/s",
+    "import": "import a downloaded weights file (official ODConv, timm) into a condconv run folder",
     "sweep": "width x experts grid -> CSV + MACs-vs-accuracy figure",
     "routing": "mean routing weights per class for each dynamic layer -> heatmap PNG",
     "macs": "per-image multiply-adds and parameters of registered models",

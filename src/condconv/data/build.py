@@ -12,6 +12,7 @@ from condconv.data.base import ArrayImageDataset, ImageDataset, subset_indices
 from condconv.data.cifar import CIFAR_LAYOUT, find_cifar, load_cifar
 from condconv.data.digits import DIGITS_MEAN, DIGITS_STD, digits_split, load_digits_arrays
 from condconv.data.imagefolder import ImageFolderDataset
+from condconv.models.pretrained import EvalConfig
 from condconv.utils.checks import OptionError
 
 __all__ = ["DATASETS", "build_dataset"]
@@ -49,6 +50,7 @@ def build_dataset(
     augment: bool | None = None,
     image_size: int | None = None,
     seed: int = 0,
+    preprocess: EvalConfig | None = None,
 ) -> ImageDataset:
     """Build a dataset by name (or path).
 
@@ -62,6 +64,8 @@ def build_dataset(
         augment: training augmentation (default: on for the train split).
         image_size: output side for ImageFolder data (default 224); digits and CIFAR are 32x32.
         seed: seed of the augmentation randomness.
+        preprocess: ImageFolder only: a published model's evaluation preprocessing
+            (:func:`condconv.models.pretrained.eval_config`), used for the evaluation split.
 
     Returns:
         An :class:`ImageDataset` (:class:`ArrayImageDataset` or :class:`ImageFolderDataset`).
@@ -86,7 +90,9 @@ def build_dataset(
         raise FileNotFoundError(f"data folder not found: {data_dir}")
     if key in CIFAR_LAYOUT:
         return _cifar(key, data_dir, split, train_size, augment, seed)
-    return _image_folder(data_dir, split, train_size, augment, image_size, seed)
+    if preprocess is not None and key != "imagefolder":
+        raise OptionError("preprocess", f"a published model's preprocessing applies to ImageFolder data, not {key!r}")
+    return _image_folder(data_dir, split, train_size, augment, image_size, seed, preprocess)
 
 
 def _digits(split: str, train_size, augment: bool, seed: int) -> ArrayImageDataset:
@@ -120,7 +126,7 @@ def _class_folders(root: Path) -> list[str]:
 
 
 def _image_folder(data_dir: Path, split: str, train_size, augment: bool, image_size: int | None,
-                  seed: int) -> ImageFolderDataset:
+                  seed: int, preprocess: EvalConfig | None = None) -> ImageFolderDataset:
     """``root/train`` and ``root/val`` (or ``root/test``); class folders directly under the root serve both."""
     candidates = ["train"] if split == "train" else ["val", "test", "validation"]
     root = next((data_dir / c for c in candidates if (data_dir / c).is_dir()), None)
@@ -137,7 +143,7 @@ def _image_folder(data_dir: Path, split: str, train_size, augment: bool, image_s
             logger.warning("%s: class folder(s) %s are not in %s and are left out of evaluation", root,
                            ", ".join(extra[:10]) + (" ..." if len(extra) > 10 else ""), data_dir / "train")
     ds = ImageFolderDataset(root, name="imagefolder", split=split, image_size=image_size or 224, augment=augment,
-                            seed=seed, classes=classes)
+                            seed=seed, classes=classes, preprocess=preprocess)
     if split == "train":
         sub = subset_indices(ds.labels(), train_size)
         if sub is not None:

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from condconv.data.base import ImageDataset, sample_keys
+from condconv.data.preprocess import eval_transform
+from condconv.models.pretrained import EvalConfig
 from condconv.utils.checks import OptionError
 
 __all__ = ["IMAGE_EXTENSIONS", "IMAGENET_MEAN", "IMAGENET_STD", "ImageFolderDataset"]
@@ -34,6 +36,10 @@ class ImageFolderDataset(ImageDataset):
         augment: training augmentation.
         seed: augmentation seed.
         crop_pct: center-crop fraction at evaluation.
+        preprocess: a published model's evaluation preprocessing
+            (:func:`condconv.models.pretrained.eval_config`): evaluation then resizes with Pillow as its source
+            does (:func:`condconv.data.preprocess.eval_transform`) and normalises with its mean/std, its image size and
+            crop fraction replacing ``image_size`` and ``crop_pct``.
         classes: class names to use (default: the sorted sub-folder names of ``root``).
 
     Raises:
@@ -52,6 +58,7 @@ class ImageFolderDataset(ImageDataset):
         seed: int = 0,
         crop_pct: float = 0.875,
         classes: Sequence[str] | None = None,
+        preprocess: EvalConfig | None = None,
     ) -> None:
         root = Path(root)
         if not root.is_dir():
@@ -80,6 +87,10 @@ class ImageFolderDataset(ImageDataset):
         self.in_chans, self.image_size = 3, int(image_size)
         self.augment, self.seed, self.crop_pct = bool(augment), int(seed), float(crop_pct)
         self.mean, self.std = IMAGENET_MEAN, IMAGENET_STD
+        self.preprocess = preprocess
+        if preprocess is not None:  # a source's evaluation preprocessing (Pillow resizing, its mean/std)
+            self.image_size, self.crop_pct = int(preprocess.image_size), float(preprocess.crop_pct)
+            self.mean, self.std = tuple(preprocess.mean), tuple(preprocess.std)
         self._mean = torch.tensor(self.mean).view(-1, 1, 1)
         self._inv_std = 1.0 / torch.tensor(self.std).view(-1, 1, 1)
         self._targets = np.array([c for _, c in samples], dtype=np.int64)
@@ -140,8 +151,23 @@ class ImageFolderDataset(ImageDataset):
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
         return x[0]
 
+    def _source_eval(self, path: str) -> torch.Tensor:
+        from PIL import Image
+
+        cfg = self.preprocess
+        with Image.open(path) as img:
+            return eval_transform(img, image_size=cfg.image_size, crop_pct=cfg.crop_pct,
+                                  interpolation=cfg.interpolation, mean=cfg.mean, std=cfg.std)
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         path, target = self.samples[index]
+        if self.preprocess is not None and not self.augment:
+            try:
+                return self._source_eval(path), target
+            except FileNotFoundError as exc:
+                raise FileNotFoundError(f"image file not found: {path}") from exc
+            except OSError as exc:
+                raise ValueError(f"cannot decode image file {path}: {exc}") from exc
         img = self.decode(path)
         _, h, w = img.shape
         s = self.image_size

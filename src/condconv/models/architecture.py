@@ -201,7 +201,8 @@ class Architecture:
               dynamic_classifier: bool | None = None, shared_routing: bool | None = None,
               dynamic_shortcut: bool | None = None, dynamic_pre_logits: bool | None = None,
               conv_kwargs: dict | None = None, init: str = "default", features_only: bool = False,
-              drop_connect_rate: float = 0.0, bn_momentum: float | None = None, bn_eps: float | None = None
+              drop_connect_rate: float = 0.0, bn_momentum: float | None = None, bn_eps: float | None = None,
+              padding: str = "symmetric", out_indices: Sequence[int] | None = None, norm_eval: bool = False
               ) -> ConvNet:
         """Build the model.
 
@@ -230,12 +231,14 @@ class Architecture:
                 official EfficientNet-CondConv code), PyTorch's (torchvision's, as the official ODConv code) for
                 DynamicConv and ODConv (see ``blocks._init_weights``). A static model's is PyTorch's either way.
             features_only: no head; ``forward`` returns the five feature maps (see :attr:`ConvNet.feature_info`).
+            out_indices, norm_eval: levels ``features_only`` returns; BatchNorm kept in eval mode (:class:`ConvNet`).
             drop_connect_rate: drop-connect (stochastic depth) of the residual blocks in training, rising linearly
                 with the block's position as the EfficientNet code does: block ``i`` of ``n`` drops its branch with
                 probability ``drop_connect_rate * i / n``. Default 0 (off).
             bn_momentum: momentum of every BatchNorm layer, in PyTorch's convention (TensorFlow's 0.99 is 0.01);
                 ``None``: PyTorch's 0.1.
             bn_eps: epsilon of every BatchNorm layer (``None``: PyTorch's 1e-5; the TensorFlow recipes use 1e-3).
+            padding: ``'symmetric'`` (default) or ``'tf_same'`` (TensorFlow's; :class:`.blocks.ConvSpec`).
         """
         positive_int(in_chans, "in_chans")
         probability(drop_connect_rate, "drop_connect_rate")
@@ -249,7 +252,7 @@ class Architecture:
         placement = self.placement
         conv_kwargs, init_scheme = _official_init(init, conv, conv_kwargs)
         spec = make_conv_spec(conv, num_experts, _optional_bool(shared_routing, placement.shared_routing,
-                                                                "shared_routing"), conv_kwargs)
+                                                                "shared_routing"), conv_kwargs, padding)
         options = BlockOptions(self.se_style, _optional_bool(dynamic_shortcut, placement.shortcut, "dynamic_shortcut"))
         stages = scale_stages(self.stages, width_mult)
         dynamic = resolve_dynamic_blocks(sum(s.repeats for s in stages), dynamic_blocks, placement.blocks)
@@ -264,7 +267,7 @@ class Architecture:
 
         stem_channels = make_divisible(self.stem_channels * width_mult)
         stem = ConvBnAct(in_chans, stem_channels, self.small_stem_kernel if small_input else self.stem_kernel,
-                         strides[0], act_layer=self.stem_act or self.act_layer)
+                         strides[0], spec=spec.static(), act_layer=self.stem_act or self.act_layer)
         units: list[nn.Module] = []
         channels = [stem_channels]
         if self.stem_pool:
@@ -272,7 +275,7 @@ class Architecture:
             channels.append(stem_channels)
         in_ch, first_block = stem_channels, len(nominal) - len(block_stages)
         for index, stage in enumerate(block_stages):
-            block = stage.block(in_ch, strides[first_block + index], spec if dynamic[index] else STATIC,
+            block = stage.block(in_ch, strides[first_block + index], spec if dynamic[index] else spec.static(),
                                 self.act_layer, options)
             block.set_drop_connect(drop_connect_rate * index / len(block_stages))
             units.append(block)
@@ -283,7 +286,8 @@ class Architecture:
         model = ConvNet(stem=stem, blocks=units, channels=channels, strides=strides, nominal_strides=nominal,
                         head_conv=head_conv, num_features=in_ch, num_classes=num_classes,
                         dropout=self.dropout if dropout is None else dropout, classifier_spec=classifier_spec,
-                        features_only=features_only, head_options=head_options, init_scheme=init_scheme)
+                        features_only=features_only, head_options=head_options, init_scheme=init_scheme,
+                        out_indices=out_indices, norm_eval=norm_eval)
         for module in model.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.momentum = module.momentum if bn_momentum is None else float(bn_momentum)
@@ -294,7 +298,8 @@ class Architecture:
               dynamic_classifier: bool | None, dynamic_pre_logits: bool | None):
         """Head convolution, pooled width, :class:`ClassifierHead` options and classifier spec."""
         placement = self.placement
-        head_spec = spec.per_layer() if _optional_bool(dynamic_head, placement.head, "dynamic_head") else STATIC
+        head_spec = spec.per_layer() if _optional_bool(dynamic_head, placement.head, "dynamic_head") \
+            else spec.static()
         classifier_spec = spec if _optional_bool(dynamic_classifier, placement.classifier, "dynamic_classifier") \
             else STATIC
         pre_logits_spec = spec if _optional_bool(dynamic_pre_logits, placement.pre_logits, "dynamic_pre_logits") \

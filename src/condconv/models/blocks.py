@@ -25,6 +25,8 @@ from condconv.utils.checks import positive_int, probability
 __all__ = [
     "ConvSpec",
     "STATIC",
+    "PADDINGS",
+    "SamePad2d",
     "FeatureInfo",
     "make_divisible",
     "ConvBnAct",
@@ -62,12 +64,16 @@ class ConvSpec:
             and shared by all its convolutions (built with ``routing='external'``), as in the official
             EfficientNet-CondConv code. Otherwise every dynamic layer routes itself.
         layer_kwargs: further keyword arguments of the dynamic layer (``temperature``, ``reduction``, ...).
+        padding: ``'symmetric'`` (``(k - 1) // 2`` on every side, PyTorch's) or ``'tf_same'`` (TensorFlow's
+            ``'SAME'``: output ``ceil(input / stride)``, the extra row/column at the bottom/right, computed from the
+            input size at run time where it is not symmetric; what timm's ``tf_*`` models port).
     """
 
     kind: str = "static"
     num_experts: int | None = None
     shared_routing: bool = False
     layer_kwargs: dict = field(default_factory=dict)
+    padding: str = "symmetric"
 
     @property
     def dynamic(self) -> bool:
@@ -77,18 +83,29 @@ class ConvSpec:
     def shares_routing(self) -> bool:
         return self.kind == "condconv" and self.shared_routing
 
+    def static(self) -> ConvSpec:
+        """A static convolution with this spec's padding."""
+        return ConvSpec(padding=self.padding)
+
     def per_layer(self) -> ConvSpec:
         """The same convolution routed by each layer itself (for a lone layer: head conv, classifier)."""
         return replace(self, shared_routing=False)
 
+    def runtime_pad(self, kernel_size: int, stride: int) -> bool:
+        """Whether a ``kernel_size``/``stride`` convolution pads its input at run time (``'tf_same'`` where the
+        padding is not ``(k - 1) // 2`` on every side: stride above 1 or an even kernel)."""
+        return self.padding == "tf_same" and (stride != 1 or kernel_size % 2 == 0)
+
     def conv2d(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, groups: int = 1,
                bias: bool = False) -> nn.Module:
-        """A ``kernel_size`` convolution with 'same'-style padding ``(k - 1) // 2``."""
+        """A ``kernel_size`` convolution with 'same'-style padding ``(k - 1) // 2`` (0 when :meth:`runtime_pad`:
+        :class:`ConvBnAct` pads the input first)."""
         kwargs = dict(self.layer_kwargs) if self.dynamic else {}
         if self.shares_routing:
             kwargs.pop("routing_dropout", None)  # the block's router applies it
             kwargs["routing"] = "external"
-        return make_conv2d(self.kind, in_channels, out_channels, kernel_size, stride, (kernel_size - 1) // 2, 1,
+        padding = 0 if self.runtime_pad(kernel_size, stride) else (kernel_size - 1) // 2
+        return make_conv2d(self.kind, in_channels, out_channels, kernel_size, stride, padding, 1,
                            groups, bias, num_experts=self.num_experts if self.dynamic else None, **kwargs)
 
     def block_router(self, in_channels: int) -> nn.Module | None:
@@ -101,9 +118,30 @@ class ConvSpec:
 
 
 STATIC = ConvSpec()
+PADDINGS = ("symmetric", "tf_same")
 
 
-def make_conv_spec(conv: str, num_experts: int | None, shared_routing: bool, conv_kwargs: dict | None) -> ConvSpec:
+class SamePad2d(nn.Module):
+    """TensorFlow's ``'SAME'`` padding of a ``kernel_size``/``stride`` convolution, computed from the input size:
+    ``pad = max((ceil(n / s) - 1) * s + k - n, 0)`` per axis, ``pad // 2`` before and the rest after."""
+
+    def __init__(self, kernel_size: int, stride: int) -> None:
+        super().__init__()
+        self.kernel_size, self.stride = kernel_size, stride
+
+    def forward(self, x: Tensor) -> Tensor:
+        pads = []
+        for size in (x.shape[-1], x.shape[-2]):
+            total = max((-(-size // self.stride) - 1) * self.stride + self.kernel_size - size, 0)
+            pads += [total // 2, total - total // 2]
+        return nn.functional.pad(x, pads) if any(pads) else x
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.kernel_size}, stride={self.stride}"
+
+
+def make_conv_spec(conv: str, num_experts: int | None, shared_routing: bool, conv_kwargs: dict | None,
+                   padding: str = "symmetric") -> ConvSpec:
     """Validate a model's convolution arguments and turn them into a :class:`ConvSpec`."""
     if conv not in CONV_KINDS:
         raise ValueError(f"conv must be one of {CONV_KINDS}, got {conv!r}")
@@ -117,11 +155,13 @@ def make_conv_spec(conv: str, num_experts: int | None, shared_routing: bool, con
                          f"pass conv='condconv', 'dynamic' or 'odconv' (got conv='static')")
     if not isinstance(shared_routing, bool):
         raise TypeError(f"shared_routing must be a bool or None, got {shared_routing!r}")
+    if padding not in PADDINGS:
+        raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
     kwargs = dict(conv_kwargs or {})
     if shared_routing and conv == "condconv" and "routing" in kwargs:
         raise ValueError(f"conv_kwargs['routing']={kwargs['routing']!r} conflicts with shared_routing=True "
                          "(block-shared routing is sigmoid); pass shared_routing=False to route each layer")
-    return ConvSpec(conv, num_experts, shared_routing, kwargs)
+    return ConvSpec(conv, num_experts, shared_routing, kwargs, padding)
 
 
 def resolve_dynamic_blocks(num_blocks: int, dynamic_blocks: int | str | Sequence[int] | None,
@@ -170,11 +210,19 @@ class ConvBnAct(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1, stride: int = 1, groups: int = 1,
                  *, spec: ConvSpec = STATIC, act_layer: ActLayer | None = nn.ReLU) -> None:
         super().__init__()
+        self.pad = None
+        if spec.runtime_pad(kernel_size, stride):
+            if spec.dynamic and not spec.shares_routing:
+                raise ValueError("padding='tf_same' pads a strided layer's input at run time, which a dynamic layer "
+                                 "routing itself would pool: use shared_routing=True (CondConv) or padding='symmetric'")
+            self.pad = SamePad2d(kernel_size, stride)
         self.conv = spec.conv2d(in_channels, out_channels, kernel_size, stride, groups)
         self.bn = nn.BatchNorm2d(out_channels)
         self.act = act_layer() if act_layer is not None else nn.Identity()
 
     def forward(self, x: Tensor, routing: Tensor | None = None) -> Tensor:
+        if self.pad is not None:
+            x = self.pad(x)
         return self.act(self.bn(_conv(self.conv, x, routing)))
 
 
@@ -326,8 +374,9 @@ class _ResidualBlock(_Block):
         super().__init__(in_channels, out_channels, stride, spec)
         if not isinstance(dynamic_shortcut, bool):
             raise TypeError(f"dynamic_shortcut must be a bool, got {dynamic_shortcut!r}")
-        self.downsample = ConvBnAct(in_channels, out_channels, 1, stride, spec=spec if dynamic_shortcut else STATIC,
-                                    act_layer=None) if stride != 1 or in_channels != out_channels else None
+        shortcut = spec if dynamic_shortcut else spec.static()
+        self.downsample = ConvBnAct(in_channels, out_channels, 1, stride, spec=shortcut, act_layer=None) \
+            if stride != 1 or in_channels != out_channels else None
         self.act = act_layer()
 
     def body(self, x: Tensor, routing: Tensor | None) -> Tensor:
@@ -443,6 +492,26 @@ def check_width(width_mult: object) -> float:
     return float(width_mult)
 
 
+def _norms_to_eval(module: nn.Module) -> None:
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+class _Level(nn.Sequential):
+    """One feature level of :meth:`ConvNet.levels`: its BatchNorm layers stay in eval mode when ``norm_eval``."""
+
+    def __init__(self, *modules: nn.Module, norm_eval: bool = False) -> None:
+        super().__init__(*modules)
+        self.norm_eval = norm_eval
+
+    def train(self, mode: bool = True) -> _Level:
+        super().train(mode)
+        if mode and self.norm_eval:
+            _norms_to_eval(self)
+        return self
+
+
 class ConvNet(nn.Module):
     """The skeleton every model of the zoo shares: ``stem -> blocks -> head_conv -> ClassifierHead``.
 
@@ -463,6 +532,10 @@ class ConvNet(nn.Module):
         dropout: dropout before the classifier.
         classifier_spec: ``STATIC`` for an ``nn.Linear`` classifier, else the dynamic classifier's spec.
         features_only: drop the head; ``forward`` returns the list of the five feature maps.
+        out_indices: with ``features_only``: which of the five levels (0-4: strides 2, 4, 8, 16, 32) ``forward``
+            returns and :attr:`feature_info` describes (``None``: all); the blocks after the last are not run.
+        norm_eval: keep every BatchNorm layer (the routers' included) in eval mode while the rest trains, as
+            detection configs do (batches of 1-2 images per GPU); :meth:`train` honours it.
         head_options: more :class:`ClassifierHead` arguments (``hidden``, ``hidden_act``, ``hidden_spec``: a
             pre-logits layer; then :attr:`num_features` is its width, the classifier's input).
         init_scheme: initialisation of the static layers (:data:`INIT_SCHEMES`); dynamic layers and routers keep
@@ -472,8 +545,12 @@ class ConvNet(nn.Module):
     def __init__(self, *, stem: nn.Module, blocks: Sequence[nn.Module], channels: Sequence[int],
                  strides: Sequence[int], nominal_strides: Sequence[int], head_conv: nn.Module | None,
                  num_features: int, num_classes: int, dropout: float, classifier_spec: ConvSpec,
-                 features_only: bool, head_options: dict | None = None, init_scheme: str = "torch") -> None:
+                 features_only: bool, head_options: dict | None = None, init_scheme: str = "torch",
+                 out_indices: Sequence[int] | None = None, norm_eval: bool = False) -> None:
         super().__init__()
+        if not isinstance(norm_eval, bool):
+            raise TypeError(f"norm_eval must be a bool, got {norm_eval!r}")
+        self.norm_eval = norm_eval
         positive_int(num_classes, "num_classes")
         probability(dropout, "dropout")
         if not isinstance(features_only, bool):
@@ -482,6 +559,16 @@ class ConvNet(nn.Module):
         self.blocks = nn.Sequential(*blocks)
         self.features_only = features_only
         self.feature_info, self._feature_index = self._levels(channels, strides, nominal_strides)
+        self._level_index = list(self._feature_index)
+        if out_indices is not None:
+            if not features_only:
+                raise ValueError(f"out_indices={out_indices!r} needs features_only=True")
+            if isinstance(out_indices, (str, bytes)) or not all(
+                    isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 5 for i in out_indices) \
+                    or list(out_indices) != sorted(set(out_indices)) or not out_indices:
+                raise ValueError(f"out_indices must be increasing level indices in 0-4, got {out_indices!r}")
+            self.feature_info = [self.feature_info[i] for i in out_indices]
+            self._feature_index = [self._feature_index[i] for i in out_indices]
         if features_only:
             self.head_conv, self.head = nn.Identity(), None
             self.num_features = self.feature_info[-1].channels
@@ -518,17 +605,42 @@ class ConvNet(nn.Module):
         return self.head(x, pre_logits)
 
     def forward_intermediates(self, x: Tensor) -> list[Tensor]:
-        """The five feature maps described by :attr:`feature_info`."""
+        """The feature maps described by :attr:`feature_info` (the five levels, or those of ``out_indices``)."""
         wanted = set(self._feature_index)
+        last = max(wanted)
         out = []
         x = self.stem(x)
         if 0 in wanted:
             out.append(x)
         for index, block in enumerate(self.blocks, start=1):
+            if index > last:
+                break
             x = block(x)
             if index in wanted:
                 out.append(x)
         return out
+
+    def levels(self) -> nn.Sequential:
+        """The network up to stride 32 as ``nn.Sequential`` of five children ``level1`` ... ``level5`` (strides 2
+        ... 32; sharing this model's modules, and its :attr:`norm_eval`), for detection code that picks feature maps
+        by child name, e.g. torchvision's ``BackboneWithFPN(model.levels(), {'level2': '0', ...}, ...)``."""
+        from collections import OrderedDict
+
+        units = [self.stem, *self.blocks]
+        parts, start = OrderedDict(), 0
+        for level, end in enumerate(self._level_index, start=1):
+            parts[f"level{level}"] = _Level(*units[start:end + 1], norm_eval=self.norm_eval)
+            start = end + 1
+        return nn.Sequential(parts)
+
+    def train(self, mode: bool = True) -> ConvNet:
+        """Set training mode; with :attr:`norm_eval` every BatchNorm layer stays in eval mode (running statistics
+        used and kept)."""
+        super().train(mode)
+        if mode and getattr(self, "norm_eval", False):
+            _norms_to_eval(self)
+        return self
+
 
     def forward(self, x: Tensor) -> Tensor | list[Tensor]:
         """``(B, in_chans, H, W)`` -> logits ``(B, num_classes)``, or the feature maps when ``features_only``."""

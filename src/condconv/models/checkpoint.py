@@ -385,7 +385,9 @@ def load_model(source: str | os.PathLike, model_kwargs: Mapping[str, Any] | None
         source: a run folder, checkpoint folder or ``.safetensors`` file written by ``condconv train`` /
             ``condconv convert``; otherwise a registered model name (``condconv.list_models()``).
         model_kwargs: ``create_model`` keyword arguments (registered names only).
-        weights: a state_dict file (see :func:`read_state_dict`) loaded into a registered model.
+        weights: a weights file loaded whole into a registered model: a state_dict (``.safetensors``, ``.pt``), a
+            training checkpoint wrapping one, an official ODConv checkpoint or a timm file
+            (:func:`condconv.models.pretrained.load_pretrained`).
 
     Returns:
         ``(model in eval mode, config)``; config has at least ``model`` and ``model_args``.
@@ -406,9 +408,8 @@ def load_model(source: str | os.PathLike, model_kwargs: Mapping[str, Any] | None
             raise FileNotFoundError(f"checkpoint not found: {text} (and it is not a registered model name)")
         create_model(text)  # raises ValueError with close-name suggestions
     args = dict(model_kwargs or {})
-    model = create_model(text, **args)
-    if weights is not None:  # every key and shape checked first: the error names the file and the first keys
-        load_state_dict(model, read_state_dict(weights), weights, what="weights file")
+    # weights: any file condconv.models.pretrained reads (condconv's, official ODConv, timm), loaded whole
+    model = create_model(text, pretrained=weights, **args)
     model.eval()
     return model, {"model": text, "model_args": args}
 

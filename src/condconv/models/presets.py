@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from condconv.models.registry import create_model, register_model
+from condconv.models.registry import create_model, register_alias, register_model
 
-__all__ = ["Preset", "PRESETS", "PAPERS", "get_preset", "list_presets"]
+__all__ = ["Preset", "PRESETS", "PAPERS", "ALIASES", "get_preset", "list_presets"]
 
 PAPERS = ("condconv", "dynamic", "odconv")
 
@@ -84,9 +84,15 @@ _CC_EFF = "official EfficientNet-CondConv README (tensorflow/tpu models/official
 _DY = "DynamicConv paper, Table 2"
 _OD = "official ODConv README (OSVAI/ODConv), the ODConv paper's tables"
 _ANNEAL = (30.0, 1.0, 10)
+_TIMM_CC = ("timm's efficientnet_cc_b1_8e / tf_efficientnet_cc_b1_8e (no figures published with the official "
+            "EfficientNet-CondConv README)")
+#: what timm's ``tf_efficientnet_cc_*`` build for the TensorFlow-trained weights: TensorFlow 'SAME' padding and
+#: BatchNorm epsilon 1e-3
+_TF = {"padding": "tf_same", "bn_eps": 1e-3}
 
 
-def _condconv(name: str, model: str, experts: int, macs: float, base_params: float, base_macs: float,
+def _condconv(name: str, model: str, experts: int, macs: float | None, base_params: float | None,
+              base_macs: float | None,
               params: float | None = None, source: str = _CC, **kwargs) -> Preset:
     kwargs = {"conv": "condconv", "num_experts": experts, "init": "official", **kwargs}
     return Preset(name, "condconv", model, kwargs, params, macs, base_params, base_macs, source)
@@ -144,6 +150,14 @@ PRESETS: tuple[Preset, ...] = (
     _condconv("condconv_mobilenet_v2_8e", "mobilenet_v2", 8, 329, 3.4, 301),
     _condconv("condconv_mnasnet_a1_8e", "mnasnet_a1", 8, 325, 3.9, 312),
     _condconv("condconv_resnet50_8e", "resnet50", 8, 4213, 25.6, 4093),
+    _condconv("tf_condconv_efficientnet_b0_4e", "efficientnet_b0", 4, 402, 5.3, 391, params=13.3, source=_CC_EFF,
+              dropout=0.25, **_TF),
+    _condconv("tf_condconv_efficientnet_b0_8e", "efficientnet_b0", 8, 413, 5.3, 391, params=24.0, source=_CC_EFF,
+              dropout=0.25, **_TF),
+    _condconv("tf_condconv_efficientnet_b1_8e", "efficientnet_b1", 8, None, None, None, source=_TIMM_CC,
+              dropout=0.25, **_TF),
+    _condconv("condconv_efficientnet_b1_8e", "efficientnet_b1", 8, None, None, None, source=_TIMM_CC,
+              dropout=0.25),
     _condconv("condconv_efficientnet_b0_4e", "efficientnet_b0", 4, 402, 5.3, 391, params=13.3, source=_CC_EFF,
               dropout=0.25),
     _condconv("condconv_efficientnet_b0_8e", "efficientnet_b0", 8, 413, 5.3, 391, params=24.0, source=_CC_EFF,
@@ -217,3 +231,16 @@ def _register(preset: Preset) -> None:
 
 for _preset in PRESETS:
     _register(_preset)
+
+
+#: other codes' names of the same models (timm's), accepted by :func:`condconv.create_model`
+ALIASES = {
+    "tf_efficientnet_cc_b0_4e": "tf_condconv_efficientnet_b0_4e",
+    "tf_efficientnet_cc_b0_8e": "tf_condconv_efficientnet_b0_8e",
+    "tf_efficientnet_cc_b1_8e": "tf_condconv_efficientnet_b1_8e",
+    "efficientnet_cc_b0_4e": "condconv_efficientnet_b0_4e",
+    "efficientnet_cc_b0_8e": "condconv_efficientnet_b0_8e",
+    "efficientnet_cc_b1_8e": "condconv_efficientnet_b1_8e",
+}
+for _alias, _name in ALIASES.items():
+    register_alias(_alias, _name)

@@ -250,9 +250,10 @@ class OmniRouter(nn.Module):
 
     def forward(self, x: Tensor) -> Attentions:
         """``x``: ``(B, C_in, H, W)`` (any rank: ``(B, C_in, *spatial)``) -> :class:`Attentions`."""
-        if self.training and isinstance(self.norm, nn.BatchNorm1d) and x.shape[0] == 1:
+        if isinstance(self.norm, nn.BatchNorm1d) and self.norm.training and x.shape[0] == 1:
             raise ValueError("OmniRouter with norm='batch' cannot train on a batch of 1 (BatchNorm needs more than "
-                             "one value per channel): use norm='layer' (the default) or norm='none'")
+                             "one value per channel): use norm='layer' (the default) or norm='none', or keep the "
+                             "BatchNorm layers in eval mode (norm_eval=True)")
         h = F.relu(self.norm(self.fc(_pooled(x))))
         t = _in_dtype(self.temperature, h.dtype)
         spatial = None

@@ -25,7 +25,7 @@ from condconv.utils.runtime import DistInfo, all_reduce_sum, amp_dtype, autocast
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["check_run_config", "dataset_for_checkpoint", "evaluate", "evaluate_checkpoint"]
+__all__ = ["check_run_config", "dataset_for_checkpoint", "evaluate", "evaluate_checkpoint", "evaluate_pretrained"]
 
 
 @torch.no_grad()
@@ -127,7 +127,15 @@ def dataset_for_checkpoint(checkpoint: str | os.PathLike, config: Mapping[str, A
     """
     name = dataset or config.get("dataset", "digits")
     folder = data_dir if data_dir is not None else config.get("data_dir")
-    ds = build_dataset(name, split, data_dir=folder, image_size=image_size or config.get("image_size"), augment=False)
+    preprocess = None
+    if isinstance(config.get("preprocess"), dict) and image_size is None and str(name).lower() == "imagefolder":
+        from condconv.models.pretrained import EvalConfig  # an imported model: evaluated as its source does
+
+        raw = config["preprocess"]
+        preprocess = EvalConfig(int(raw["image_size"]), float(raw["crop_pct"]), str(raw["interpolation"]),
+                                tuple(raw["mean"]), tuple(raw["std"]))
+    ds = build_dataset(name, split, data_dir=folder, image_size=image_size or config.get("image_size"), augment=False,
+                       preprocess=preprocess)
     if ds.num_classes != config_classes(config):
         raise ValueError(f"checkpoint {checkpoint} predicts {config_classes(config)} classes but {name} has "
                          f"{ds.num_classes}")
@@ -199,3 +207,48 @@ def check_run_config(checkpoint: str | os.PathLike, accept_config_change: bool =
         raise OptionError("accept_config_change", f"{config_file} no longer matches the weights {weights}: "
                           f"{describe_drift(drift)}: {advice}")
     logger.warning("%s was edited (%s): evaluating %s as it was trained", config_file, describe_drift(drift), weights)
+
+
+def evaluate_pretrained(
+    model_name: str,
+    pretrained: str | os.PathLike,
+    *,
+    data_dir: str | os.PathLike,
+    dataset: str = "imagefolder",
+    split: str = "test",
+    model_kwargs: Mapping[str, Any] | None = None,
+    batch_size: int = 256,
+    device: str = "auto",
+    amp: str = "none",
+    workers: int | None = 0,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Evaluate a published checkpoint as its source does: ``create_model(model_name, pretrained=...)`` on an
+    ImageFolder tree (an ImageNet validation folder) with the model's published evaluation preprocessing
+    (:func:`condconv.models.pretrained.eval_config`: resize, crop, interpolation, mean/std).
+
+    Returns:
+        :func:`evaluate`'s dict plus ``checkpoint`` (the file), ``model``, ``dataset``, ``split``, ``classes`` and
+        ``preprocess`` (the preprocessing used, as a dict).
+
+    Raises:
+        ValueError: the file does not fit the model, or the folder's class count differs from the model's.
+    """
+    from dataclasses import asdict
+
+    from condconv.models import create_model
+    from condconv.models.pretrained import eval_config
+
+    model = create_model(model_name, pretrained=pretrained, **dict(model_kwargs or {}))
+    cfg = eval_config(model_name)
+    ds = build_dataset(dataset, split, data_dir=data_dir, augment=False, preprocess=cfg)
+    if ds.num_classes != model.num_classes:
+        raise ValueError(f"{model_name} from {pretrained} predicts {model.num_classes} classes but {data_dir} has "
+                         f"{ds.num_classes} class folders")
+    dev = resolve_device(device)
+    model.to(dev)
+    loader = EpochLoader(ds, batch_size, num_workers=workers, pin_memory=dev.type == "cuda")
+    result = evaluate(model, loader, device=dev, amp_dtype=amp_dtype(amp, dev), progress=progress)
+    result.update(checkpoint=str(pretrained), model=model_name, dataset=ds.name, split=ds.split,
+                  classes=list(ds.classes), preprocess=asdict(cfg))
+    return result

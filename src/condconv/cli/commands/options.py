@@ -261,10 +261,12 @@ def config_from_args(args: argparse.Namespace, *, base: Mapping[str, Any] | None
     return cfg, sorted(set(explicit))
 
 
-def add_checkpoint_data_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options ``condconv eval`` and ``condconv routing`` share: a checkpoint, the data to run it on, device."""
-    parser.add_argument("checkpoint", help="run folder, checkpoint folder or model.safetensors")
-    parser.add_argument("--dataset", "-d", default=None, help="dataset (default: the checkpoint's)")
+def add_checkpoint_data_arguments(parser: argparse.ArgumentParser, *, optional_checkpoint: bool = False) -> None:
+    """The options ``condconv eval`` and ``condconv routing`` share: a checkpoint, the data to run it on, device
+    (``optional_checkpoint``: the command can take a model another way, ``condconv eval --model --pretrained``)."""
+    parser.add_argument("checkpoint", nargs="?" if optional_checkpoint else None,
+                        help="run folder, checkpoint folder or model.safetensors")
+    parser.add_argument("--dataset", "--data", "-d", default=None, help="dataset (default: the checkpoint's)")
     parser.add_argument("--data-dir", default=None, help="CIFAR folder or ImageFolder root (default: the checkpoint's)")
     parser.add_argument("--split", default="test", help="train | test (default: test)")
     parser.add_argument("--batch-size", "-b", type=positive_int, default=256, help="batch size (default: 256)")
