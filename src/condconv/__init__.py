@@ -28,6 +28,8 @@ _PUBLIC = {
     **dict.fromkeys(["STRATEGIES", "dynamic_conv2d", "get_default_strategy", "mix_kernels", "select_strategy",
                      "set_default_strategy", "use_strategy"], "condconv.nn.functional"),
     **dict.fromkeys(["CondConv2d", "DynamicConv2d", "ODConv2d", "make_conv2d"], "condconv.nn.layers"),
+    **dict.fromkeys(["KernelWarehouse", "KWConv1d", "KWConv2d", "KWConv3d", "KWLinear"], "condconv.nn.kernel_warehouse"),
+    "conv_with_kernels": "condconv.nn.functional",
     **dict.fromkeys(["OmniRouter", "SigmoidRouter", "SoftmaxRouter", "TemperatureSchedule", "set_temperature"],
                     "condconv.nn.routing"),
     **dict.fromkeys(["convert", "list_convs", "select_convs"], "condconv.nn.convert"),

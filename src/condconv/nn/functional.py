@@ -56,6 +56,7 @@ __all__ = [
     "STRATEGIES",
     "PADDING_MODES",
     "dynamic_conv2d",
+    "conv_with_kernels",
     "mix_kernels",
     "select_strategy",
     "use_strategy",
@@ -442,3 +443,111 @@ def _use_fused(x: Tensor, weight: Tensor, routing: Tensor, spatial: Tensor | Non
         return False
     return x.dtype == weight.dtype == routing.dtype and (spatial is None or spatial.dtype == x.dtype)
 
+
+
+def _nd_pads(padding, kernel_size: Sequence[int], stride: Sequence[int], dilation: Sequence[int]) -> list[int]:
+    """Padding of an N-d convolution as :func:`torch.nn.functional.pad` takes it (last axis first, before/after)."""
+    n = len(kernel_size)
+    if isinstance(padding, str):
+        if padding == "valid":
+            return [0] * (2 * n)
+        if padding != "same":
+            raise ValueError(f"padding must be an int, a tuple of ints, 'same' or 'valid', got {padding!r}")
+        if any(s != 1 for s in stride):
+            raise ValueError(f"padding='same' requires stride 1, got stride={tuple(stride)}")
+        pads = []
+        for k, d in zip(reversed(kernel_size), reversed(dilation)):
+            pads += [d * (k - 1) // 2, d * (k - 1) - d * (k - 1) // 2]
+        return pads
+    values = [padding] * n if isinstance(padding, int) and not isinstance(padding, bool) else padding
+    if not isinstance(values, Sequence) or len(values) != n or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+        raise ValueError(f"padding must be a non-negative int or {n} of them, got {padding!r}")
+    return [p for v in reversed(values) for p in (v, v)]
+
+
+def _kernels_nd(x: Tensor, kernels: Tensor, bias: Tensor | None, stride, padding, dilation, groups: int,
+                padding_mode: str) -> Tensor:
+    """1-D and 3-D inputs: per-example kernels by the grouped trick (batch folded into the groups)."""
+    n = x.dim() - 2
+    conv = F.conv1d if n == 1 else F.conv3d
+    stride_, dilation_ = ((v,) * n if isinstance(v, int) and not isinstance(v, bool) else tuple(v)
+                          for v in (stride, dilation))
+    pads = _nd_pads(padding, kernels.shape[3:], stride_, dilation_)
+    if any(pads):
+        x = F.pad(x, pads, mode="constant" if padding_mode == "zeros" else padding_mode)
+    batch = x.shape[0]
+    flat_bias = None if bias is None else bias.expand(batch, kernels.shape[1]).reshape(-1)
+    out = conv(x.reshape(1, -1, *x.shape[2:]), kernels.reshape(-1, *kernels.shape[2:]), flat_bias, stride_, 0,
+               dilation_, batch * groups)
+    return out.reshape(batch, kernels.shape[1], *out.shape[2:])
+
+
+def conv_with_kernels(x: Tensor, kernels: Tensor, bias: Tensor | None = None, stride=1, padding=0, dilation=1,
+                      groups: int = 1, padding_mode: str = "zeros", strategy: str = "auto") -> Tensor:
+    """Convolve every example with its own, already assembled kernel (KernelWarehouse's per-example kernels).
+
+    The convolution half of :func:`dynamic_conv2d`: the same strategies run it, given the kernels instead of
+    experts and routing. ``'experts'`` and ``'triton'`` need an expert bank, which assembled kernels do not have:
+    they run as ``'bmm'`` (which, like ``'experts'``, keeps a traced batch symbolic). 1-D and 3-D inputs use the
+    grouped trick (:func:`torch.nn.functional.conv1d` / ``conv3d`` with ``groups = B * groups``) whatever the strategy.
+
+    Args:
+        x: input ``(B, C_in, *spatial)``, 1, 2 or 3 spatial axes.
+        kernels: ``(B, C_out, C_in // groups, *kernel_size)``.
+        bias: optional ``(C_out,)`` or per-example ``(B, C_out)``.
+        stride, padding, dilation, groups, padding_mode: as in :class:`torch.nn.Conv2d` (``Conv1d``/``Conv3d``).
+        strategy: one of :data:`STRATEGIES` (default ``'auto'``; :func:`use_strategy` overrides it).
+
+    Returns:
+        ``(B, C_out, *spatial_out)``.
+    """
+    _check_strategy(strategy)
+    for name, value in (("x", x), ("kernels", kernels)):
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if x.dim() not in (3, 4, 5) or kernels.dim() != x.dim() + 1 or kernels.shape[0] != x.shape[0]:
+        raise ValueError(f"x (B, C_in, *spatial) with 1-3 spatial axes and kernels (B, C_out, C_in // groups, "
+                         f"*kernel_size) must match, got shapes {tuple(x.shape)} and {tuple(kernels.shape)}")
+    if bias is not None and (not isinstance(bias, Tensor) or bias.shape[-1] != kernels.shape[1] or bias.dim() > 2):
+        raise ValueError(f"bias must be a tensor (C_out,) or (B, C_out) with C_out = {kernels.shape[1]}")
+    if padding_mode not in PADDING_MODES:
+        raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
+    if x.dim() != 4:
+        positive_int(groups, "groups")
+        return _kernels_nd(x, kernels, bias, stride, padding, dilation, groups, padding_mode)
+    identity = torch.ones(x.shape[0], 1, dtype=kernels.dtype, device=kernels.device)
+    call = _validate(x, kernels[:1], identity[:1].expand(x.shape[0], 1), None, stride, padding, dilation, groups,
+                     padding_mode, None)
+    if call.batch == 0:
+        out = x.new_zeros((0, call.out_channels, *call.out_hw), dtype=torch.promote_types(x.dtype, kernels.dtype))
+        return out + 0 * kernels.sum()
+    chosen = _forced_strategy() or strategy
+    if chosen == "auto":
+        chosen = select_strategy(call.batch, call.in_channels, call.out_channels, call.kernel_size, groups, 1,
+                                 call.out_hw, tracing=tracing_kind(), device=x.device,
+                                 training=needs_grad(x, kernels))
+    chosen = "bmm" if chosen in ("experts", "triton") else chosen
+    if chosen == "single" and call.batch != 1:
+        raise ValueError(f"strategy='single' needs batch size 1, got {call.batch}")
+    pads = call.pads
+    symmetric = pads[0] == pads[1] and pads[2] == pads[3]
+    conv_pad = (pads[2], pads[0])
+    if padding_mode != "zeros" or not symmetric or (chosen == "bmm" and call.kernel_size == (1, 1)):
+        if any(pads):
+            x = F.pad(x, pads, mode="constant" if padding_mode == "zeros" else padding_mode)
+        conv_pad = (0, 0)
+    geometry = (call.stride, conv_pad, call.dilation, groups)
+    per_example = None if bias is None else bias.expand(call.batch, call.out_channels)
+    if kernels.dtype != x.dtype and not autocast_on(x.device.type):
+        kernels = kernels.to(x.dtype)
+    if per_example is not None and per_example.dtype != x.dtype and not autocast_on(x.device.type):
+        per_example = per_example.to(x.dtype)
+    if chosen == "grouped":
+        return decomposed.grouped(x, kernels, geometry, call.out_hw, per_example)
+    if chosen == "bmm":
+        return decomposed.bmm(x, kernels, geometry, call.out_hw, per_example)
+    if chosen == "scan":
+        return decomposed.scan(x, kernels, geometry, call.out_hw, per_example)
+    return F.conv2d(x, kernels[0], None if per_example is None else per_example[0], call.stride, conv_pad,
+                    call.dilation, groups)

@@ -230,9 +230,10 @@ class TrainConfig:
             bad("label_smoothing", "in [0, 1)")
         if self.grad_clip is not None and not (_is_number(self.grad_clip) and self.grad_clip > 0):
             bad("grad_clip", "a positive number or None")
-        for name in ("temperature_start", "temperature_end"):
-            if not (_is_number(getattr(self, name)) and getattr(self, name) > 0):
-                bad(name, "a positive number")
+        if not (_is_number(self.temperature_start) and self.temperature_start > 0):
+            bad("temperature_start", "a positive number")
+        if not (_is_number(self.temperature_end) and self.temperature_end >= 0):  # KernelWarehouse ends at 0
+            bad("temperature_end", "a number >= 0")
         if self.temperature_epochs is not None and not (
             _is_number(self.temperature_epochs) and self.temperature_epochs >= 0
         ):
