@@ -3,6 +3,8 @@ reference that builds each kernel cell by cell, gradcheck, batch 1, temperature,
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -299,3 +301,22 @@ def test_reference_kernel_places_cells():
     kernel = reference_kw_kernel(attention, cells, (2, 2, 2, 1))  # 2 positions x 1 out block x 2 in blocks
     assert kernel[:, 0, 0, 0].tolist() == [1.0, 2.0] and kernel[:, 1, 0, 0].tolist() == [3.0, 4.0]
     assert kernel[:, 0, 1, 0].tolist() == [5.0, 6.0] and kernel[:, 1, 1, 0].tolist() == [7.0, 8.0]
+
+
+def test_count_macs_counts_the_assembly():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(7)
+    model = Pair(2, 4, 8, 3, groups=2, cell_num_ratio=0.5, cell_inplane_ratio=0.5, cell_outplane_ratio=0.5,
+                 nonlocal_basis_ratio=0.5).eval()
+    report = condconv.count_macs(model, (4, 6, 6))
+    mixing = sum(layer.attention.num_mixtures * layer.attention.num_cells * math.prod(layer.cell_shape)
+                 for layer in (model.a, model.b))
+    assert report.categories["mixing"].macs == mixing
+    assert report.categories["conv"].macs == 8 * 36 * 4 * 9 + 8 * 36 * 4 * 9
+    assert report.categories["conv"].params == model.warehouse.cells[0].numel() + 16  # cells and the two biases
+    assert report.params == sum(p.numel() for p in model.parameters())
+    pooling = 4 * 36 + 8 * 36  # the attentions' global average pooling, which the flop counter does not see
+    with FlopCounterMode(display=False) as counter, condconv.use_strategy("grouped"):
+        model(torch.randn(1, 4, 6, 6))
+    assert counter.get_total_flops() // 2 == report.macs - pooling
