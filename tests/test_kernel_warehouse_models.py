@@ -409,3 +409,29 @@ def test_tiny_input_forward_backward_batch_one_layer_norm():
         kw_preset("kw_resnet18_3x")
     with pytest.raises(ValueError, match="fixes its warehouse options"):
         create_model("kw_mobilenet_v2_100_1d2x", cell_num_ratio=2)
+
+
+def test_training_config_for_kernelwarehouse_presets():
+    from condconv.training.config import TrainConfig, model_args
+
+    config = TrainConfig.from_recipe("kw-resnet")
+    assert config.conv == "kernelwarehouse" and config.temperature_end == 0.0
+    args = model_args(config, 10, 1)
+    assert "conv" not in args and "num_experts" not in args
+    model = create_model("kw_resnet18_1d4x", **args)
+    assert model.conv1.in_channels == 1 and model.fc.out_features == 10
+
+
+@pytest.mark.slow
+def test_train_model_anneals_the_temperature_to_zero(tmp_path):
+    from condconv import train_model
+    from condconv.models.checkpoint import load_model
+
+    result = train_model(model="kw_mobilenet_v2_050_1d2x", conv="kernelwarehouse", experts=None, width=None,
+                         dataset="digits", train_size=64, image_size=32, epochs=2, batch_size=16,
+                         temperature_start=1.0, temperature_end=0.0, temperature_epochs=1, out=str(tmp_path / "run"),
+                         progress=False, model_kwargs={"norm": "layer"})
+    assert [h["temperature"] for h in result.history] == [0.25, 0.0]  # 4 steps an epoch: 1 - 3/4, then 0
+    model = load_model(str(tmp_path / "run"))[0]  # the saved weights carry the temperature buffers
+    temps = {float(m.attention.temperature) for m in model.modules() if isinstance(m, KWConvNd)}
+    assert temps == {0.0}

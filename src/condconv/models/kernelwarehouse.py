@@ -98,19 +98,20 @@ class KWResNet(nn.Module):
 
     Args:
         block: :class:`KWBasicBlock` or :class:`KWBottleneck`. layers: blocks per stage.
-        num_classes: Default 1000. dropout: before the classifier. Default 0.0 (the official main.py's).
+        num_classes: Default 1000. in_chans: input channels. Default 3.
+        dropout: before the classifier. Default 0.0 (the official main.py's).
         drop_path_rate: stochastic depth of every block (the same rate for all, as the official code). Default 0.0.
         **warehouse: :class:`~condconv.nn.kernel_warehouse.KernelWarehouse` options (``sharing_range`` defaults to
             ``('layer', 'conv')``).
     """
 
-    def __init__(self, block: type, layers: tuple[int, ...], *, num_classes: int = 1000, dropout: float = 0.0,
-                 drop_path_rate: float = 0.0, **warehouse) -> None:
+    def __init__(self, block: type, layers: tuple[int, ...], *, num_classes: int = 1000, in_chans: int = 3,
+                 dropout: float = 0.0, drop_path_rate: float = 0.0, **warehouse) -> None:
         super().__init__()
         warehouse.setdefault("sharing_range", ("layer", "conv"))
         self.warehouse = KernelWarehouse(**warehouse)
         self.inplanes, self._layer = 64, 0
-        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+        self.conv1 = nn.Conv2d(in_chans, 64, 7, 2, 3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, 2, 1)
@@ -193,13 +194,14 @@ class KWMobileNetV2(nn.Module):
     """MobileNetV2 with KernelWarehouse convolutions (official layouts; see the module docstring).
 
     Args:
-        width_mult: Default 1.0. num_classes: Default 1000. dropout: before the classifier. Default 0.0.
+        width_mult: Default 1.0. num_classes: Default 1000. in_chans: input channels. Default 3.
+        dropout: before the classifier. Default 0.0.
         half_layout: the official ``kw1d2x_mobilenetv2`` layout (its budgets are fixed; warehouse options other than
             ``norm`` and ``temperature`` are then refused). Default False.
         **warehouse: :class:`~condconv.nn.kernel_warehouse.KernelWarehouse` options.
     """
 
-    def __init__(self, *, width_mult: float = 1.0, num_classes: int = 1000, dropout: float = 0.0,
+    def __init__(self, *, width_mult: float = 1.0, num_classes: int = 1000, in_chans: int = 3, dropout: float = 0.0,
                  half_layout: bool = False, **warehouse) -> None:
         super().__init__()
         if half_layout:
@@ -210,7 +212,7 @@ class KWMobileNetV2(nn.Module):
         self.warehouse = wh = KernelWarehouse(**warehouse)
         cin = _divisible(32 * width_mult)
         self.last_channel = _divisible(1280 * max(1.0, width_mult))
-        features: list[nn.Module] = [_ConvBNReLU(wh, 3, cin, 3, 2, name="stage0_conv0")]
+        features: list[nn.Module] = [_ConvBNReLU(wh, in_chans, cin, 3, 2, name="stage0_conv0")]
         layer = 0
         for row, (t, c, n, s) in enumerate(_MBV2_SETTING):
             cout = _divisible(c * width_mult)

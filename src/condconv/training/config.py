@@ -20,7 +20,11 @@ from condconv.nn.layers import CONV_KINDS
 from condconv.training.recipes import load_recipe, validate_knobs
 from condconv.utils.checks import OptionError
 
-__all__ = ["TrainConfig", "load_config_file", "model_args"]
+__all__ = ["TrainConfig", "load_config_file", "model_args", "MODEL_CONV_KINDS"]
+
+#: ``conv`` values: the layer kinds the zoo's families take, and 'kernelwarehouse' for the KernelWarehouse presets
+#: (``kw_*``, whose layers are fixed: no ``conv``/``num_experts`` argument is passed to them)
+MODEL_CONV_KINDS = (*CONV_KINDS, "kernelwarehouse")
 
 
 @dataclass
@@ -32,7 +36,7 @@ class TrainConfig:
 
     Model:
         model: registered model name (``condconv.list_models()``).
-        conv: 'static', 'condconv', 'dynamic' or 'odconv'.
+        conv: 'static', 'condconv', 'dynamic' or 'odconv'; 'kernelwarehouse' for the ``kw_*`` presets.
         experts: number of experts (None: the layer's default; ignored for 'static').
         width: width multiplier (None: the model's default).
         dropout: dropout before the classifier (None: the model's default).
@@ -181,8 +185,8 @@ class TrainConfig:
 
         if not isinstance(self.model, str) or not self.model:
             bad("model", "a registered model name")
-        if self.conv not in CONV_KINDS:
-            bad("conv", f"one of {', '.join(CONV_KINDS)}")
+        if self.conv not in MODEL_CONV_KINDS:
+            bad("conv", f"one of {', '.join(MODEL_CONV_KINDS)}")
         if self.experts is not None and (not _is_int(self.experts) or self.experts < 1):
             bad("experts", "a positive int or None")
         if self.width is not None and not (_is_number(self.width) and self.width > 0):
@@ -277,12 +281,14 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
 
 def model_args(config: TrainConfig, num_classes: int, in_chans: int) -> dict[str, Any]:
     """The ``create_model`` keyword arguments of a training configuration for a dataset's classes and channels."""
-    kwargs: dict[str, Any] = {"num_classes": int(num_classes), "in_chans": int(in_chans), "conv": config.conv}
+    kwargs: dict[str, Any] = {"num_classes": int(num_classes), "in_chans": int(in_chans)}
+    if config.conv != "kernelwarehouse":
+        kwargs["conv"] = config.conv
     if config.width is not None:
         kwargs["width_mult"] = float(config.width)
     if config.dropout is not None:
         kwargs["dropout"] = float(config.dropout)
-    if config.experts is not None and config.conv != "static":
+    if config.experts is not None and config.conv not in ("static", "kernelwarehouse"):
         kwargs["num_experts"] = int(config.experts)
     kwargs.update(config.model_kwargs)
     return kwargs
