@@ -99,6 +99,7 @@ class KWResNet(nn.Module):
     Args:
         block: :class:`KWBasicBlock` or :class:`KWBottleneck`. layers: blocks per stage.
         num_classes: Default 1000. in_chans: input channels. Default 3.
+        width_mult: multiplier of every stage's width (not in the official code; for small experiments). Default 1.0.
         dropout: before the classifier. Default 0.0 (the official main.py's).
         drop_path_rate: stochastic depth of every block (the same rate for all, as the official code). Default 0.0.
         **warehouse: :class:`~condconv.nn.kernel_warehouse.KernelWarehouse` options (``sharing_range`` defaults to
@@ -106,21 +107,22 @@ class KWResNet(nn.Module):
     """
 
     def __init__(self, block: type, layers: tuple[int, ...], *, num_classes: int = 1000, in_chans: int = 3,
-                 dropout: float = 0.0, drop_path_rate: float = 0.0, **warehouse) -> None:
+                 width_mult: float = 1.0, dropout: float = 0.0, drop_path_rate: float = 0.0, **warehouse) -> None:
         super().__init__()
         warehouse.setdefault("sharing_range", ("layer", "conv"))
         self.warehouse = KernelWarehouse(**warehouse)
-        self.inplanes, self._layer = 64, 0
-        self.conv1 = nn.Conv2d(in_chans, 64, 7, 2, 3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
+        widths = [max(int(round(64 * 2**i * width_mult)), 1) for i in range(len(layers))]
+        self.inplanes, self._layer = widths[0], 0
+        self.conv1 = nn.Conv2d(in_chans, widths[0], 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, 2, 1)
         for i, n in enumerate(layers):
-            stage = self._make_stage(block, 64 * 2**i, n, 1 if i == 0 else 2, i, drop_path_rate)
+            stage = self._make_stage(block, widths[i], n, 1 if i == 0 else 2, i, drop_path_rate)
             self.add_module(f"layer{i + 1}", stage)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(dropout)
-        self.fc = nn.Linear(512 * block.expansion, num_classes)
+        self.fc = nn.Linear(widths[-1] * block.expansion, num_classes)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
