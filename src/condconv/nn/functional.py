@@ -468,15 +468,19 @@ def _nd_pads(padding, kernel_size: Sequence[int], stride: Sequence[int], dilatio
 
 def _kernels_nd(x: Tensor, kernels: Tensor, bias: Tensor | None, stride, padding, dilation, groups: int,
                 padding_mode: str) -> Tensor:
-    """1-D and 3-D inputs: per-example kernels by the grouped trick (batch folded into the groups)."""
+    """3-D inputs: per-example kernels by the grouped trick (batch folded into the groups)."""
     n = x.dim() - 2
-    conv = F.conv1d if n == 1 else F.conv3d
+    conv = F.conv3d
     stride_, dilation_ = ((v,) * n if isinstance(v, int) and not isinstance(v, bool) else tuple(v)
                           for v in (stride, dilation))
     pads = _nd_pads(padding, kernels.shape[3:], stride_, dilation_)
     if any(pads):
         x = F.pad(x, pads, mode="constant" if padding_mode == "zeros" else padding_mode)
     batch = x.shape[0]
+    if batch == 0:  # the output's shape from a shape-only convolution; keep the graph connected
+        probe = conv(torch.empty((1, *x.shape[1:]), device="meta"), torch.empty(kernels.shape[1:], device="meta"),
+                     None, stride_, 0, dilation_, groups)
+        return x.new_zeros((0, *probe.shape[1:])) + 0 * kernels.sum()
     flat_bias = None if bias is None else bias.expand(batch, kernels.shape[1]).reshape(-1)
     out = conv(x.reshape(1, -1, *x.shape[2:]), kernels.reshape(-1, *kernels.shape[2:]), flat_bias, stride_, 0,
                dilation_, batch * groups)
@@ -489,8 +493,9 @@ def conv_with_kernels(x: Tensor, kernels: Tensor, bias: Tensor | None = None, st
 
     The convolution half of :func:`dynamic_conv2d`: the same strategies run it, given the kernels instead of
     experts and routing. ``'experts'`` and ``'triton'`` need an expert bank, which assembled kernels do not have:
-    they run as ``'bmm'`` (which, like ``'experts'``, keeps a traced batch symbolic). 1-D and 3-D inputs use the
-    grouped trick (:func:`torch.nn.functional.conv1d` / ``conv3d`` with ``groups = B * groups``) whatever the strategy.
+    they run as ``'bmm'`` (which, like ``'experts'``, keeps a traced batch symbolic). 1-D inputs run as 2-D ones of
+    height 1; 3-D inputs use the grouped trick (:func:`torch.nn.functional.conv3d` with ``groups = B * groups``)
+    whatever the strategy.
 
     Args:
         x: input ``(B, C_in, *spatial)``, 1, 2 or 3 spatial axes.
@@ -513,12 +518,19 @@ def conv_with_kernels(x: Tensor, kernels: Tensor, bias: Tensor | None = None, st
         raise ValueError(f"bias must be a tensor (C_out,) or (B, C_out) with C_out = {kernels.shape[1]}")
     if padding_mode not in PADDING_MODES:
         raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
-    if x.dim() != 4:
+    if x.dim() == 3:  # 1-D as 2-D of height 1: every strategy applies (and exports with a dynamic batch)
+        def pair(value, fill):
+            return value if isinstance(value, str) else (fill, value if isinstance(value, int) else value[0])
+
+        out = conv_with_kernels(x.unsqueeze(2), kernels.unsqueeze(3), bias, pair(stride, 1), pair(padding, 0),
+                                pair(dilation, 1), groups, padding_mode, strategy)
+        return out.squeeze(2)
+    if x.dim() == 5:
         positive_int(groups, "groups")
         return _kernels_nd(x, kernels, bias, stride, padding, dilation, groups, padding_mode)
-    identity = torch.ones(x.shape[0], 1, dtype=kernels.dtype, device=kernels.device)
-    call = _validate(x, kernels[:1], identity[:1].expand(x.shape[0], 1), None, stride, padding, dilation, groups,
-                     padding_mode, None)
+    shape_only = {"dtype": kernels.dtype, "device": "meta"}  # _validate reads shapes: one "expert", unit routing
+    call = _validate(x, torch.empty((1, *kernels.shape[1:]), **shape_only), torch.empty((x.shape[0], 1), **shape_only),
+                     None, stride, padding, dilation, groups, padding_mode, None)
     if call.batch == 0:
         out = x.new_zeros((0, call.out_channels, *call.out_hw), dtype=torch.promote_types(x.dtype, kernels.dtype))
         return out + 0 * kernels.sum()

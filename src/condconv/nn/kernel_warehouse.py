@@ -358,5 +358,5 @@ class KWLinear(nn.Module):
         if x.dim() < 2 or x.shape[-1] != self.in_features:
             raise ValueError(f"input must be (batch, ..., {self.in_features}), got shape {tuple(x.shape)}")
         shape = x.shape
-        out = self.conv(x.reshape(shape[0], -1, shape[-1]).transpose(1, 2))
+        out = self.conv(x.reshape(shape[0], math.prod(shape[1:-1]), shape[-1]).transpose(1, 2))
         return out.transpose(1, 2).reshape(*shape[:-1], self.out_features)

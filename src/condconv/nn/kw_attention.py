@@ -133,7 +133,7 @@ class KWAttention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """``x (B, C_in, *spatial)`` -> attention ``(B, num_mixtures, num_cells)`` (the zero cell dropped)."""
         batch = x.shape[0]
-        pooled = x.reshape(batch, x.shape[1], -1).mean(-1)
+        pooled = x.flatten(2).mean(-1) if x.dim() > 2 else x
         hidden = F.relu(self.norm(self.fc1(pooled)))
         logits = self.fc2(hidden)
         if self.fc3 is not None:
