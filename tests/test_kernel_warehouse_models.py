@@ -435,3 +435,11 @@ def test_train_model_anneals_the_temperature_to_zero(tmp_path):
     model = load_model(str(tmp_path / "run"))[0]  # the saved weights carry the temperature buffers
     temps = {float(m.attention.temperature) for m in model.modules() if isinstance(m, KWConvNd)}
     assert temps == {0.0}
+
+
+def test_macs_command_counts_a_preset(capsys):
+    from condconv.cli import main
+
+    assert main(["macs", "kw_mobilenet_v2_050_1d2x"]) == 0
+    out = capsys.readouterr().out
+    assert "kw_mobilenet_v2_050_1d2x" in out and "1.47M" in out
