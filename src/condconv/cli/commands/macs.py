@@ -11,9 +11,9 @@ import torch
 from tqdm import tqdm
 
 from condconv.models import create_model
+from condconv.models.kernelwarehouse import KW_PRESETS
 from condconv.models.macs import CATEGORIES, CONVENTIONS, PAPER_CONVENTIONS, PAPER_FIGURES, PaperFigure, count_macs
 from condconv.models.papers import paper_table
-from condconv.models.kernelwarehouse import KW_PRESETS
 from condconv.models.presets import PAPERS, list_presets
 from condconv.nn.layers import DYNAMIC_KINDS
 from condconv.utils.checks import parse_kwargs
