@@ -355,3 +355,17 @@ def test_onnx_export_with_a_dynamic_batch(tmp_path):
     model = condconv.create_model("kw_mobilenet_v2_050_1d2x", num_classes=10, width_mult=0.25).eval()
     condconv.export_model(model, tmp_path / "kw.onnx", input_size=(3, 32, 32), verify=True,
                           verify_batch_sizes=(1, 3))  # raises when onnxruntime's outputs differ
+
+
+def test_deepcopy_keeps_each_copy_on_its_own_warehouse():
+    import copy
+
+    model = Pair(2, 4, 8, 3).eval()
+    clone = copy.deepcopy(model)
+    assert clone.a._get_warehouse() is clone.warehouse and clone.b._get_warehouse() is clone.warehouse
+    with torch.no_grad():
+        clone.warehouse.cells[0].mul_(2.0)
+    x = torch.randn(2, 4, 6, 6)
+    assert not torch.allclose(clone(x), model(x))
+    clone.load_state_dict(model.state_dict())
+    torch.testing.assert_close(clone(x), model(x))
