@@ -32,13 +32,13 @@ F64 = torch.float64
 class OfficialAttention(nn.Module):
     """Official attention: fc1 (no bias) + norm1 (BatchNorm1d) + ReLU + fc2 [+ fc3 basis, basis_bias]."""
 
-    def __init__(self, cin, reduction, cells, mixtures, ratio, start, basis_ratio):
+    def __init__(self, cin, reduction, cells, mixtures, ratio, start, basis_ratio, layer_norm=False):
         super().__init__()
         hidden = max(int(cin * reduction), 16)
         self.per, self.mixtures, self.start = cells + 1, mixtures, start
         self.local = int(ratio * mixtures)
-        self.fc1 = nn.Linear(cin, hidden, bias=False)
-        self.norm1 = nn.BatchNorm1d(hidden)
+        self.fc1 = nn.Linear(cin, hidden, bias=layer_norm)
+        self.norm1 = nn.LayerNorm(hidden) if layer_norm else nn.BatchNorm1d(hidden)
         self.basis = None
         if basis_ratio < 1:
             self.basis = max(int((cells - self.local) * basis_ratio), 16)
@@ -119,12 +119,13 @@ class OfficialManager(nn.Module):
     """Official manager semantics: names fused character by character for a string sharing range (as main.py passes
     the configs' "layer_conv"), warehouses in order of first reservation, cells handed out in module order."""
 
-    def __init__(self, reduction, num, cin_ratio, cout_ratio, sharing, basis=1.0):
+    def __init__(self, reduction, num, cin_ratio, cout_ratio, sharing, basis=1.0, layer_norm=False):
         super().__init__()
         self.opts = (reduction, num, cin_ratio, cout_ratio)
         self.sharing, self.basis, self.names, self.layers, self.t = sharing, basis, {}, [], 0.0
+        self.layer_norm = layer_norm
 
-    def reserve(self, cin, cout, k, stride, pad, groups, name, enabled=True, linear=False):
+    def reserve(self, cin, cout, k, stride, pad, groups, name, enabled=True, linear=False, bias=False):
         if not enabled:
             return nn.Conv2d(cin, cout, k, stride, pad, groups=groups, bias=False)
         parts = []
@@ -133,7 +134,8 @@ class OfficialManager(nn.Module):
                 part = prefix if part.startswith(prefix) else part
             parts.append(part)
         wid = self.names.setdefault("_".join(parts), len(self.names))
-        layer = OfficialConv(self, cin, cout, 1 if linear else k, stride, pad, groups, linear, wid, 1 if linear else 2)
+        layer = OfficialConv(self, cin, cout, 1 if linear else k, stride, pad, groups, linear or bias, wid,
+                             1 if linear else 2)
         self.layers.append(layer)
         return OfficialLinear(layer) if linear else layer
 
@@ -157,7 +159,7 @@ class OfficialManager(nn.Module):
                 cells = self.weights[m.wid]
                 mixtures = m.cout // cells.shape[1] * (m.cin // m.groups // cells.shape[2]) * m.k**m.dims
                 m.attention = OfficialAttention(m.cin, pick(self.opts[0], m.wid), len(cells), mixtures,
-                                                pick(self.opts[1], m.wid), ends[m.wid], self.basis)
+                                                pick(self.opts[1], m.wid), ends[m.wid], self.basis, self.layer_norm)
                 ends[m.wid] = m.attention.end
         assert ends == [len(w) for w in self.weights]
 
@@ -265,11 +267,58 @@ class OfficialMobileNetV2(nn.Module):
         return self.classifier(self.features(x).mean((2, 3)))
 
 
+class OfficialLN(nn.Module):  # LayerNorm over the channels of (B, C, H, W)
+    def __init__(self, c):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.ones(c)), nn.Parameter(torch.zeros(c))
+
+    def forward(self, x):
+        return F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2], self.weight, self.bias, 1e-6).permute(0, 3, 1, 2)
+
+
+class OfficialConvNeXtBlock(nn.Module):
+    def __init__(self, wm, dim, stage, layer):
+        super().__init__()
+        name = f"stage{stage}_layer{layer}_"
+        self.dwconv = wm.reserve(dim, dim, 7, 1, 3, dim, name + "dwconv0", bias=True)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.pwconv1 = wm.reserve(dim, 4 * dim, 1, 1, 0, 1, name + "pwconv1", bias=True)
+        self.pwconv2 = wm.reserve(4 * dim, dim, 1, 1, 0, 1, name + "pwconv2", bias=True)
+        self.gamma = nn.Parameter(torch.ones(1, dim, 1, 1))
+
+    def forward(self, x):
+        y = self.norm(self.dwconv(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return x + self.gamma * self.pwconv2(F.gelu(self.pwconv1(y)))
+
+
+class OfficialKWConvNeXtTiny(nn.Module):
+    def __init__(self, classes=1000, dims=(96, 192, 384, 768)):
+        super().__init__()
+        self.warehouse_manager = wm = OfficialManager(0.0625, 1, 1, 1, "layer_pwconv", layer_norm=True)
+        self.downsample_layers = nn.ModuleList([nn.Sequential(wm.reserve(3, dims[0], 4, 4, 0, 1, "stagestem_conv0",
+                                                                         bias=True), OfficialLN(dims[0]))])
+        for i in range(3):
+            self.downsample_layers.append(nn.Sequential(OfficialLN(dims[i]), wm.reserve(
+                dims[i], dims[i + 1], 2, 2, 0, 1, f"stage{i}_layerds_conv0", bias=True)))
+        self.stages = nn.ModuleList(nn.Sequential(*[OfficialConvNeXtBlock(wm, dims[i], i, j) for j in range(n)])
+                                    for i, n in enumerate((3, 3, 9, 3)))
+        self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
+        self.head = nn.Linear(dims[-1], classes)
+        wm.build(self)
+
+    def forward(self, x):
+        for down, stage in zip(self.downsample_layers, self.stages):
+            x = stage(down(x))
+        return self.head(self.norm(x.mean((2, 3))))
+
+
 RESNET18_RATIOS = {"1d4x": (0.25, 0.5, 0.5), "1d2x": (0.5, 0.5, 0.5), "1x": (1, 1, 1), "2x": (2, 1, 1),
                    "4x": (4, 1, 1)}
 
 
 def _official(name: str, classes: int = 1000) -> nn.Module:
+    if name == "kw_convnext_tiny_1x":
+        return OfficialKWConvNeXtTiny(classes)
     budget = name.rsplit("_", 1)[1]
     if name.startswith("kw_resnet18"):
         return OfficialResNet18(0.0625, *RESNET18_RATIOS[budget], classes=classes)
@@ -292,7 +341,7 @@ def test_parameters_match_the_official_table(preset):
         assert abs(gap) > 0.005 and "official code builds" in preset.note
     else:
         assert abs(gap) <= 0.005, f"{preset.name}: {params:.3f}M vs README {preset.params}M"
-    if preset.name.startswith(("kw_resnet18", "kw_mobilenet")):
+    if preset.name.startswith(("kw_resnet18", "kw_mobilenet", "kw_convnext")):
         with torch.device("meta"):
             official = _official(preset.name)
         assert _count(model) == _count(official)
@@ -347,7 +396,8 @@ def _save_official(model: nn.Module, path, ema: bool = False) -> None:
 EXACT = ["kw_resnet18_1d4x", pytest.param("kw_resnet18_1x", marks=pytest.mark.slow),
          pytest.param("kw_resnet18_4x", marks=pytest.mark.slow),
          "kw_mobilenet_v2_100_1d2x", "kw_mobilenet_v2_050_1d2x", "kw_mobilenet_v2_050_1x",
-         pytest.param("kw_mobilenet_v2_100_1x", marks=pytest.mark.slow), "kw_mobilenet_v2_050_4x"]
+         pytest.param("kw_mobilenet_v2_100_1x", marks=pytest.mark.slow), "kw_mobilenet_v2_050_4x",
+         pytest.param("kw_convnext_tiny_1x", marks=pytest.mark.slow)]
 
 
 @pytest.mark.parametrize("name", EXACT)

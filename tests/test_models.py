@@ -17,7 +17,8 @@ from condconv.nn.layers import DynamicConvBase
 KINDS = ("static", "condconv", "dynamic", "odconv")
 CIFAR = list_models("*_cifar")
 PRESETS = list_presets()  # full ImageNet models of the papers: tests/test_presets.py
-KW_PRESETS = [p.name for p in KW_PRESETS_]  # KernelWarehouse models: tests/test_kernel_warehouse_models.py
+# KernelWarehouse models and the official ConvNeXt-Tiny baseline: tests/test_kernel_warehouse_models.py
+KW_PRESETS = [p.name for p in KW_PRESETS_] + ["convnext_tiny"]
 IMAGENET = [name for name in list_models() if not name.endswith("_cifar") and name not in PRESETS + KW_PRESETS]
 _DYNAMIC_EVERYWHERE = {"dynamic_blocks": "all", "dynamic_head": True, "dynamic_classifier": True,
                        "dynamic_pre_logits": True}

@@ -1,4 +1,4 @@
-"""KernelWarehouse ResNet-18/50 and MobileNetV2 (1.0, 0.5) by the names of the official configs.
+"""KernelWarehouse ResNet-18/50, MobileNetV2 (1.0, 0.5) and ConvNeXt-Tiny by the names of the official configs.
 
 Li and Yao, "KernelWarehouse: Rethinking the Design of Dynamic Convolution", ICML 2024, arXiv:2406.07879; layouts,
 warehouse names and budgets as the official code (OSVAI/KernelWarehouse ``models/kw_resnet.py``,
@@ -26,10 +26,11 @@ import torch
 from torch import Tensor, nn
 
 from condconv.models.blocks import DropPath
+from condconv.models.kernelwarehouse_convnext import ConvNeXt
 from condconv.models.registry import register_model
 from condconv.nn.kernel_warehouse import KernelWarehouse, KWConv2d, KWLinear
 
-__all__ = ["KWResNet", "KWMobileNetV2", "KWPreset", "KW_PRESETS", "KW_BASELINES", "kw_preset"]
+__all__ = ["KWResNet", "KWMobileNetV2", "KWPreset", "KW_PRESETS", "KW_BASELINES", "kw_preset", "convnext_tiny"]
 
 
 def _conv(wh: KernelWarehouse, cin: int, cout: int, k: int, stride: int = 1, groups: int = 1, *, name: str,
@@ -315,10 +316,12 @@ KW_PRESETS: tuple[KWPreset, ...] = (
     _mobilenet("050", "1d2x", 1.47, 65.20),
     _mobilenet("050", "1x", 2.85, 68.29),
     _mobilenet("050", "4x", 4.65, 70.26),
+    KWPreset("kw_convnext_tiny_1x", "configs/convnext/kw1x_convnext_tiny.json", 39.37, 82.51,
+             {"arch": "convnext_tiny", "drop_path_rate": 0.3}),
 )
 #: The official static baselines (README: parameters in millions, top-1), by the zoo's model names.
 KW_BASELINES = {"resnet18": (11.69, 70.44), "resnet50": (25.56, 78.44), "mobilenet_v2": (3.50, 72.04),
-                "mobilenet_v2_050": (1.97, 64.32)}
+                "mobilenet_v2_050": (1.97, 64.32), "convnext_tiny": (28.59, 82.07)}
 
 
 def kw_preset(name: str) -> KWPreset:
@@ -337,6 +340,8 @@ def _build(preset: KWPreset, **overrides) -> nn.Module:
         return KWResNet(KWBasicBlock, (2, 2, 2, 2), **kwargs)
     if arch == "resnet50":
         return KWResNet(KWBottleneck, (3, 4, 6, 3), **kwargs)
+    if arch == "convnext_tiny":
+        return ConvNeXt(kernelwarehouse=True, **kwargs)
     return KWMobileNetV2(**kwargs)
 
 
@@ -353,3 +358,12 @@ def _register(preset: KWPreset) -> None:
 
 for _preset in KW_PRESETS:
     _register(_preset)
+
+
+@register_model
+def convnext_tiny(**kwargs) -> nn.Module:
+    """ConvNeXt-Tiny (static) in the layout of the official KernelWarehouse code's baseline (28.59M parameters,
+    82.07% top-1 in its README; configs/convnext/convnext_tiny.json: drop_path 0.1). Keyword arguments: see
+    :class:`~condconv.models.kernelwarehouse_convnext.ConvNeXt`."""
+    kwargs.setdefault("drop_path_rate", 0.1)
+    return ConvNeXt(**kwargs)
