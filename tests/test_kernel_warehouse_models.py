@@ -14,13 +14,14 @@ import torch.nn.functional as F
 from torch import nn
 
 import condconv
-from condconv.models import create_model
+from condconv.models import create_model, is_model
 from condconv.models.kernelwarehouse import KW_BASELINES, KW_PRESETS, kw_preset
 from condconv.models.kernelwarehouse_weights import (
     TrainingArgs,
     convert_state_dict,
     detect,
     load_kernelwarehouse_weights,
+    preset_name,
     read_checkpoint,
 )
 from condconv.nn.kernel_warehouse import KWConvNd
@@ -374,11 +375,24 @@ def _randomised_official(name: str, seed: int = 0) -> nn.Module:
     return model.eval()
 
 
-def _save_official(model: nn.Module, path, ema: bool = False) -> None:
+def _official_args(name: str, path) -> argparse.Namespace:
+    """``args`` as main.py leaves them after reading the preset's config (config values as the JSON has them)."""
+    if name.startswith("kw_mobilenet_v2") and name.endswith("1d2x"):
+        model, ratio = f"kw1d2x_mobilenetv2_{name.split('_')[3]}", None
+    elif name.startswith("kw_mobilenet_v2"):
+        model, ratio = f"kw_mobilenetv2_{name.split('_')[3]}", 1 if name.endswith("_1x") else 4
+    elif name.startswith("kw_convnext"):
+        model, ratio = "kw_convnext_tiny", 1
+    else:
+        model, ratio = name.rsplit("_", 1)[0], RESNET18_RATIOS[name.rsplit("_", 1)[1]][0]
+    return argparse.Namespace(model=model, lr=4e-3, epochs=300, sharing_range="layer_conv", cell_num_ratio=ratio,
+                              reduction=None, temp_epoch=20, temp_init_value=1.0, opt_betas=None,
+                              output_dir=str(path.parent))
+
+
+def _save_official(model: nn.Module, path, name: str, ema: bool = False) -> None:
     """As the official utils.save_model writes it: model, optimizer, epoch, scaler, args (a Namespace)."""
-    args = argparse.Namespace(model="kw_resnet18", lr=4e-3, epochs=300, sharing_range="layer_conv",
-                              cell_num_ratio=[0.25], reduction=[0.0625], temp_epoch=20, temp_init_value=1.0,
-                              opt_betas=None, output_dir=str(path.parent))
+    args = _official_args(name, path)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     model(torch.randn(2, 3, 32, 32, dtype=F64)).sum().backward()
     optimizer.step()
@@ -404,8 +418,9 @@ EXACT = ["kw_resnet18_1d4x", pytest.param("kw_resnet18_1x", marks=pytest.mark.sl
 def test_official_checkpoint_gives_the_official_outputs(name, tmp_path):
     official = _randomised_official(name)
     path = tmp_path / "checkpoint-best.pth"
-    _save_official(official, path)
+    _save_official(official, path, name)
     state = load_kernelwarehouse_weights(path)
+    assert preset_name(read_checkpoint(path)["args"]) == name  # the file says which preset it is
     model = create_model(name, num_classes=10)
     model.load_state_dict(state)  # strict: every key named and shaped as the preset's
     model = model.double().eval()
@@ -422,19 +437,27 @@ def test_official_checkpoint_gives_the_official_outputs(name, tmp_path):
 def test_checkpoint_reading_is_restricted_and_names_the_file(tmp_path):
     official = _randomised_official("kw_mobilenet_v2_050_1d2x")
     path = tmp_path / "checkpoint-3.pth"
-    _save_official(official, path, ema=True)
+    _save_official(official, path, "kw_mobilenet_v2_050_1d2x", ema=True)
     obj = read_checkpoint(path)
-    assert detect(obj) and isinstance(obj["args"], TrainingArgs) and obj["args"].sharing_range == "layer_conv"
+    assert detect(obj) and isinstance(obj["args"], TrainingArgs) and obj["args"].model == "kw1d2x_mobilenetv2_050"
     ema = load_kernelwarehouse_weights(path, key="model_ema")
     assert set(ema) == set(load_kernelwarehouse_weights(path))
     assert "warehouse.cells.0" in ema and "features.0.0.attention.temperature" in ema
     assert not any("norm1" in k or "warehouse_manager" in k for k in ema)
     assert not detect({"model": {"conv1.weight": torch.zeros(1)}, "args": None}) and not detect([1])
+    assert preset_name(obj["args"]) == "kw_mobilenet_v2_050_1d2x"
+    assert preset_name(argparse.Namespace(model="kw_resnet18", cell_num_ratio=[0.25])) == "kw_resnet18_1d4x"
+    assert preset_name(argparse.Namespace(model="kw_resnet50", cell_num_ratio=4)) == "kw_resnet50_4x"
+    assert preset_name(argparse.Namespace(model="kw1d2x_mobilenetv2_050")) == "kw_mobilenet_v2_050_1d2x"
+    assert preset_name(argparse.Namespace(model="kw_convnext_tiny", cell_num_ratio=1)) == "kw_convnext_tiny_1x"
+    assert preset_name(argparse.Namespace(model="kw_resnet18", cell_num_ratio=3)) is None
+    assert all(is_model(preset_name(argparse.Namespace(model=m, cell_num_ratio=1))) for m in
+               ("kw_resnet18", "kw_resnet50", "kw_mobilenetv2_100", "kw_mobilenetv2_050", "kw_convnext_tiny"))
     torch.save({"state_dict": {}}, tmp_path / "other.pth")
     with pytest.raises(ValueError, match="other.pth: not an official KernelWarehouse checkpoint"):
         load_kernelwarehouse_weights(tmp_path / "other.pth")
     with pytest.raises(ValueError, match="no 'model_ema' weights"):
-        _save_official(official, tmp_path / "plain.pth")
+        _save_official(official, tmp_path / "plain.pth", "kw_mobilenet_v2_050_1d2x")
         load_kernelwarehouse_weights(tmp_path / "plain.pth", key="model_ema")
     torch.save({"model": {}, "args": os.system}, tmp_path / "evil.pth")  # only argparse.Namespace is allowed
     with pytest.raises(ValueError, match="evil.pth: not a readable KernelWarehouse checkpoint"):

@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["TrainingArgs", "detect", "load_kernelwarehouse_weights", "convert_state_dict", "read_checkpoint"]
+__all__ = ["TrainingArgs", "detect", "load_kernelwarehouse_weights", "convert_state_dict", "read_checkpoint",
+           "preset_name"]
 
 _WAREHOUSE_PREFIX = "warehouse_manager.weights."
 _KEYS = ("model", "args")
@@ -57,6 +58,28 @@ def read_checkpoint(path: str | Path) -> dict:
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: expected a dict saved by the official main.py, got {type(obj).__name__}")
     return obj
+
+
+_BUDGETS = {0.25: "1d4x", 0.5: "1d2x", 1.0: "1x", 2.0: "2x", 4.0: "4x"}
+_MODELS = {"kw_resnet18": "kw_resnet18", "kw_resnet50": "kw_resnet50", "kw_mobilenetv2_100": "kw_mobilenet_v2_100",
+           "kw_mobilenetv2_050": "kw_mobilenet_v2_050", "kw_convnext_tiny": "kw_convnext_tiny"}
+
+
+def preset_name(args: object) -> str | None:
+    """The preset an official run's ``args`` (its ``--model`` and ``--cell_num_ratio``) trained, e.g.
+    ``'kw_resnet18_1d4x'``; ``'convnext_tiny'`` for that baseline; ``None`` when no preset matches."""
+    model = getattr(args, "model", None)
+    if model == "convnext_tiny":
+        return model
+    if model in ("kw1d2x_mobilenetv2_100", "kw1d2x_mobilenetv2_050"):
+        return f"kw_mobilenet_v2_{model[-3:]}_1d2x"
+    ratio = getattr(args, "cell_num_ratio", None)
+    if isinstance(ratio, (list, tuple)) and len(ratio) == 1:
+        ratio = ratio[0]
+    if model not in _MODELS or isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
+        return None
+    budget = _BUDGETS.get(float(ratio))
+    return None if budget is None else f"{_MODELS[model]}_{budget}"
 
 
 def detect(obj: object) -> bool:
