@@ -444,7 +444,6 @@ def _use_fused(x: Tensor, weight: Tensor, routing: Tensor, spatial: Tensor | Non
     return x.dtype == weight.dtype == routing.dtype and (spatial is None or spatial.dtype == x.dtype)
 
 
-
 def _nd_pads(padding, kernel_size: Sequence[int], stride: Sequence[int], dilation: Sequence[int]) -> list[int]:
     """Padding of an N-d convolution as :func:`torch.nn.functional.pad` takes it (last axis first, before/after)."""
     n = len(kernel_size)
@@ -469,8 +468,7 @@ def _nd_pads(padding, kernel_size: Sequence[int], stride: Sequence[int], dilatio
 def _kernels_nd(x: Tensor, kernels: Tensor, bias: Tensor | None, stride, padding, dilation, groups: int,
                 padding_mode: str) -> Tensor:
     """3-D inputs: per-example kernels by the grouped trick (batch folded into the groups)."""
-    n = x.dim() - 2
-    conv = F.conv3d
+    n, conv = 3, F.conv3d
     stride_, dilation_ = ((v,) * n if isinstance(v, int) and not isinstance(v, bool) else tuple(v)
                           for v in (stride, dilation))
     pads = _nd_pads(padding, kernels.shape[3:], stride_, dilation_)
