@@ -282,8 +282,9 @@ def test_temperature_must_be_finite_and_positive(value):
         condconv.SoftmaxRouter(4, 3, temperature=value)
     with pytest.raises(ValueError, match=pattern):
         condconv.TemperatureSchedule(value, 1.0, iterations=10)
-    with pytest.raises(ValueError, match=pattern):
-        condconv.TemperatureSchedule(30.0, value, iterations=10)
+    if value != 0.0:  # a schedule may end at 0: KernelWarehouse's temperature (set_temperature refuses it below)
+        with pytest.raises(ValueError, match=pattern):
+            condconv.TemperatureSchedule(30.0, value, iterations=10)
     with pytest.raises(ValueError, match=pattern):
         condconv.set_temperature(condconv.DynamicConv2d(4, 4, 3), value)
 

@@ -10,13 +10,16 @@ import condconv
 from condconv import CondConv2d, DynamicConv2d, ODConv2d, SigmoidRouter
 from condconv.models import ConvNet, create_model, is_model, list_models, register_model
 from condconv.models.blocks import BasicBlock, Bottleneck, MBConv, SqueezeExcite
+from condconv.models.kernelwarehouse import KW_PRESETS as KW_PRESETS_
 from condconv.models.presets import list_presets
 from condconv.nn.layers import DynamicConvBase
 
 KINDS = ("static", "condconv", "dynamic", "odconv")
 CIFAR = list_models("*_cifar")
 PRESETS = list_presets()  # full ImageNet models of the papers: tests/test_presets.py
-IMAGENET = [name for name in list_models() if not name.endswith("_cifar") and name not in PRESETS]
+# KernelWarehouse models and the official ConvNeXt-Tiny baseline: tests/test_kernel_warehouse_models.py
+KW_PRESETS = [p.name for p in KW_PRESETS_] + ["convnext_tiny"]
+IMAGENET = [name for name in list_models() if not name.endswith("_cifar") and name not in PRESETS + KW_PRESETS]
 _DYNAMIC_EVERYWHERE = {"dynamic_blocks": "all", "dynamic_head": True, "dynamic_classifier": True,
                        "dynamic_pre_logits": True}
 
@@ -39,7 +42,7 @@ def test_registry_lists_every_family_and_its_cifar_variant():
     assert list_models("resnet1*") == ["resnet10", "resnet101", "resnet101_cifar", "resnet10_cifar", "resnet18",
                                        "resnet18_cifar"]
     assert list_models("nothing*") == []
-    assert sorted(set(list_models()) - set(IMAGENET) - set(CIFAR)) == sorted(PRESETS)
+    assert sorted(set(list_models()) - set(IMAGENET) - set(CIFAR)) == sorted(PRESETS + KW_PRESETS)
     assert is_model("mobilenet_v3_small") and not is_model("mobilenet_v4")
 
 

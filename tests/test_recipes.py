@@ -15,8 +15,8 @@ from condconv.training.config import TrainConfig
 from condconv.training.optim import build_optimizer, build_scheduler
 from condconv.training.recipes import KNOBS, MODEL_KNOBS, list_recipes, load_recipe, recipe_about, validate_knobs
 
-RECIPES = ("condconv-efficientnet", "condconv-mobilenet", "dynamic-mobilenet", "dynamic-resnet", "odconv-mobilenet",
-           "odconv-resnet")
+RECIPES = ("condconv-efficientnet", "condconv-mobilenet", "dynamic-mobilenet", "dynamic-resnet", "kw-mobilenet",
+           "kw-resnet", "odconv-mobilenet", "odconv-resnet")
 FIELDS = set(TrainConfig.__dataclass_fields__)
 KNOB_NAMES = {k.name for k in KNOBS}
 # options whose value must say where it comes from (a comment on its line)
@@ -39,8 +39,14 @@ def test_recipe_options_are_known_valid_and_sourced(name):
     config = TrainConfig.from_recipe(name)  # every value is one TrainConfig accepts
     assert config.recipe == name and config.global_batch_size == options["global_batch_size"]
     assert options["dataset"] == "imagefolder" and options["image_size"] == 224
-    # the papers anneal over a fixed number of epochs (10) or not at all: never the 10%-of-epochs default
-    assert options["temperature_epochs"] == (0 if options["conv"] == "condconv" else 10)
+    # the papers anneal over a fixed number of epochs (10; KernelWarehouse its temp_epoch, 1 -> 0) or not at all
+    if options["conv"] == "kernelwarehouse":
+        from condconv.models.kernelwarehouse import kw_preset
+
+        assert options["temperature_epochs"] == kw_preset(options["model"]).temp_epoch
+        assert (options["temperature_start"], options["temperature_end"]) == (1.0, 0.0)
+    else:
+        assert options["temperature_epochs"] == (0 if options["conv"] == "condconv" else 10)
     about = recipe_about(name)
     assert about["paper"] and "arXiv" in about["paper"]
     assert set(about["unverified"]) <= set(options), about["unverified"]

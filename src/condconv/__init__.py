@@ -25,11 +25,13 @@ __version__ = "0.3.0"
 
 #: public name -> the module that defines it
 _PUBLIC = {
-    **dict.fromkeys(["STRATEGIES", "dynamic_conv", "dynamic_conv1d", "dynamic_conv2d", "dynamic_conv3d",
-                     "get_default_strategy", "mix_kernels", "select_strategy", "set_default_strategy", "use_strategy"],
-                    "condconv.nn.functional"),
+    **dict.fromkeys(["STRATEGIES", "conv_with_kernels", "dynamic_conv", "dynamic_conv1d", "dynamic_conv2d",
+                     "dynamic_conv3d", "get_default_strategy", "mix_kernels", "select_strategy", "set_default_strategy",
+                     "use_strategy"], "condconv.nn.functional"),
     **dict.fromkeys(["CondConv1d", "CondConv2d", "CondConv3d", "DynamicConv1d", "DynamicConv2d", "DynamicConv3d",
                      "ODConv1d", "ODConv2d", "ODConv3d", "make_conv2d"], "condconv.nn.layers"),
+    **dict.fromkeys(["KernelWarehouse", "KWConv1d", "KWConv2d", "KWConv3d", "KWLinear"],
+                    "condconv.nn.kernel_warehouse"),
     **dict.fromkeys(["OmniRouter", "SigmoidRouter", "SoftmaxRouter", "TemperatureSchedule", "set_temperature"],
                     "condconv.nn.routing"),
     **dict.fromkeys(["convert", "list_convs", "select_convs"], "condconv.nn.convert"),

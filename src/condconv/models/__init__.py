@@ -10,6 +10,7 @@ Example:
 
 from condconv.models import (  # noqa: F401 (registers)
     efficientnet,
+    kernelwarehouse,
     mnasnet,
     mobilenet_v1,
     mobilenet_v2,

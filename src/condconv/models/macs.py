@@ -13,6 +13,9 @@ Conventions (one multiply-add = one MAC, counted for one image):
   for ODConv also its attention multiplies: the spatial attention on the mixed kernel (``params(one expert)``),
   the input-channel attention on the input (``C_in * H * W``) and the output-channel attention on the output
   (``C_out * H_out * W_out``).
+- KernelWarehouse layers (Li and Yao, ICML 2024, arXiv:2406.07879): ``conv`` as the static convolution; ``mixing``
+  the assembly of the kernel, ``M * C * cell_size`` (each of the layer's ``M`` cells a mixture of the warehouse's
+  ``C`` cells); ``routing`` the attention's layers and pooling. The warehouse cells count as ``conv`` parameters.
 - ``other``: average pooling (global: ``C * H * W``, the depthwise convolution it equals) and squeeze-excite
   gating (``C * H * W``, a depthwise 1x1 convolution with a computed kernel), both outside routers; and the
   parameters of normalisation layers. BatchNorm (folded into the convolution at inference), activations,
@@ -48,6 +51,8 @@ from torch import nn
 
 from condconv.models.blocks import SqueezeExcite
 from condconv.models.presets import PRESETS
+from condconv.nn.kernel_warehouse import KernelWarehouse, KWConvNd
+from condconv.nn.kw_attention import KWAttention
 from condconv.nn.layers import DynamicConvBase, spatial_ranks
 from condconv.nn.routing import ROUTERS, OmniRouter
 
@@ -159,6 +164,14 @@ def _dynamic_macs(layer: DynamicConvBase, inputs: torch.Tensor, output: torch.Te
     return {"conv": _conv_macs(layer, output), "mixing": mixing}
 
 
+def _kw_macs(layer: KWConvNd, output: torch.Tensor) -> dict[str, int]:
+    """KernelWarehouse layer: the convolution, and the assembly ``attention (M, C) @ cells (C, cell_size)``."""
+    attention = layer.attention
+    cell_size = math.prod(layer.cell_shape)
+    conv = output[0].numel() * (layer.in_channels // layer.groups) * math.prod(layer.kernel_size)
+    return {"conv": conv, "mixing": attention.num_mixtures * attention.num_cells * cell_size}
+
+
 def _pool_macs(module: nn.Module, inputs: torch.Tensor, output: torch.Tensor) -> int:
     """Average pooling: one accumulate per input element (adaptive) or per kernel tap of each output."""
     if isinstance(module, _ADAPTIVE_POOLS):
@@ -172,9 +185,12 @@ def _categorise(model: nn.Module) -> dict[int, str]:
     """Parameter category of every module: routers' insides -> routing; convolutions, linear layers -> conv."""
     category = {}
     for module in model.modules():
-        if isinstance(module, (DynamicConvBase, *_CONVS, nn.Linear)):
+        if isinstance(module, (DynamicConvBase, *_CONVS, nn.Linear, KWConvNd)):
             category.setdefault(id(module), "conv")
-        if isinstance(module, ROUTERS):
+        if isinstance(module, KernelWarehouse):  # the cells (held by its ParameterList) are the kernels
+            for inner in module.modules():
+                category[id(inner)] = "conv"
+        if isinstance(module, (*ROUTERS, KWAttention)):
             for inner in module.modules():
                 category[id(inner)] = "routing"
     return category
@@ -221,11 +237,13 @@ def count_macs(model: nn.Module, input_size: Sequence[int] = (3, 224, 224), *,
     def hook(module: nn.Module, inputs: tuple, output) -> None:
         if isinstance(module, DynamicConvBase):
             counted = _dynamic_macs(module, inputs[0], output, convention)
+        elif isinstance(module, KWConvNd):
+            counted = _kw_macs(module, output)
         elif isinstance(module, _CONVS):
             counted = {category[id(module)]: _conv_macs(module, output)}
         elif isinstance(module, nn.Linear):
             counted = {category[id(module)]: output.numel() * module.in_features}
-        elif isinstance(module, ROUTERS):
+        elif isinstance(module, (*ROUTERS, KWAttention)):
             counted = {"routing": inputs[0][0].numel()}  # its global average pooling
         elif isinstance(module, _AVG_POOLS):
             counted = {category.get(id(module), "other"): _pool_macs(module, inputs[0], output)}

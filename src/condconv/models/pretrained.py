@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from condconv.models import kernelwarehouse_weights as kw_weights
 from condconv.models.checkpoint import CONFIG_METADATA_KEY, _torch_load, read_weights, resolve_weights_path
 from condconv.utils.runtime import unwrap
 
@@ -106,6 +107,9 @@ FORMATS: tuple[SourceFormat, ...] = (
                  lambda raw: dict(raw.obj)),
     SourceFormat("odconv", "an official ODConv training checkpoint (OSVAI/ODConv main.py: epoch, state_dict, acc, "
                  "best_acc, optimizer)", _odconv_detect, lambda raw: _strip_module(raw.obj["state_dict"])),
+    SourceFormat("kernelwarehouse", "an official KernelWarehouse checkpoint (OSVAI/KernelWarehouse main.py: model, "
+                 "optimizer, epoch, scaler, args)", lambda raw: kw_weights.detect(raw.obj),
+                 lambda raw: kw_weights.convert_state_dict(raw.obj["model"])),
     SourceFormat("wrapped", "a training checkpoint with its state_dict under 'state_dict', 'model' or "
                  "'model_state_dict'", lambda raw: _wrapped(raw) is not None,
                  lambda raw: _strip_module(raw.obj[_wrapped(raw)])),
@@ -316,7 +320,14 @@ def _condconv_names(keys) -> bool:
     return any(k.startswith(("stem.", "head.")) for k in keys)
 
 
+def _kw_guess(state: Mapping[str, Tensor]) -> str:
+    cells = sum(k.startswith("warehouse.cells.") for k in state)
+    return f"a KernelWarehouse model (kw_* preset, {cells} warehouse cell tensors)"
+
+
 LAYOUTS: tuple[Layout, ...] = (
+    Layout("kernelwarehouse", "the KernelWarehouse presets' names (the official model's, warehouse renamed)",
+           lambda keys: any(k.startswith("warehouse.cells.") for k in keys), _identity_rename, _kw_guess),
     Layout("condconv", "condconv's names", _condconv_names, _identity_rename,
            lambda state: "a condconv model"),
     Layout("resnet", "torchvision-style ResNet names (conv1, layerN.M, fc)",
@@ -359,7 +370,9 @@ def _read_raw(path: Path) -> _Raw:
     if path.suffix == ".safetensors" or (len(head) == 8 and not head.startswith(b"PK") and head[:1] != b"\x80"):
         tensors, metadata = read_weights(path)
         return _Raw(path, tensors, metadata)
-    return _Raw(path, _torch_load(path, "weights file"), None)
+    # the official KernelWarehouse checkpoints hold their argparse.Namespace: read as a plain record, no code runs
+    with torch.serialization.safe_globals([(kw_weights.TrainingArgs, "argparse.Namespace")]):
+        return _Raw(path, _torch_load(path, "weights file"), None)
 
 
 def read_pretrained(path: str | os.PathLike) -> PretrainedFile:

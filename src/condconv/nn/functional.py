@@ -66,6 +66,7 @@ __all__ = [
     "dynamic_conv1d",
     "dynamic_conv2d",
     "dynamic_conv3d",
+    "conv_with_kernels",
     "mix_kernels",
     "select_strategy",
     "use_strategy",
@@ -543,21 +544,28 @@ def _triton(x: Tensor, weight: Tensor, routing: Tensor, bias: Tensor | None, spa
                                              spatial=spatial, in_scale=in_scale, out_scale=out_scale)
 
 
-def _execute(chosen: str, x: Tensor, weight: Tensor, routing: Tensor, spatial: Tensor | None, groups: int,
-             padding_mode: str, call: _Call, bias: Tensor | None = None) -> Tensor:
-    """Run strategy ``chosen`` (not ``'auto'``); ``bias``: the mixed bias ``(B, C_out)``, added the cheapest way."""
+def _padded(x: Tensor, call: _Call, groups: int, padding_mode: str, explicit: bool) -> tuple[Tensor, tuple]:
+    """``x`` padded explicitly (``explicit``, a padding mode other than zeros, or asymmetric padding) or left for the
+    convolution, and the geometry ``(stride, conv_pad, dilation, groups)`` the strategies take."""
     pads, rank = call.pads, call.rank
-    # Explicit padding unless it is symmetric zero padding the convolution can do itself.
     symmetric = all(pads[i] == pads[i + 1] for i in range(0, len(pads), 2))
-    pointwise = all(k == 1 for k in call.kernel_size)
-    if padding_mode != "zeros" or not symmetric or (chosen == "bmm" and pointwise) or \
-            (chosen == "experts" and spatial is not None):
+    if padding_mode != "zeros" or not symmetric or explicit:
         if any(pads):
             x = F.pad(x, pads, mode="constant" if padding_mode == "zeros" else padding_mode)
         conv_pad = (0,) * rank
     else:
         conv_pad = tuple(pads[2 * (rank - 1 - i)] for i in range(rank))  # (before) per axis, first axis first
-    geometry = (call.stride, conv_pad, call.dilation, groups)
+    return x, (call.stride, conv_pad, call.dilation, groups)
+
+
+def _execute(chosen: str, x: Tensor, weight: Tensor, routing: Tensor, spatial: Tensor | None, groups: int,
+             padding_mode: str, call: _Call, bias: Tensor | None = None) -> Tensor:
+    """Run strategy ``chosen`` (not ``'auto'``); ``bias``: the mixed bias ``(B, C_out)``, added the cheapest way."""
+    rank = call.rank
+    pointwise = all(k == 1 for k in call.kernel_size)
+    x, geometry = _padded(x, call, groups, padding_mode,
+                          explicit=(chosen == "bmm" and pointwise) or (chosen == "experts" and spatial is not None))
+    conv_pad = geometry[1]
     if chosen == "experts":
         out = decomposed.experts(x, weight, routing, spatial, geometry, call.out_hw)
         return out if bias is None else out + _per_channel(bias, rank)
@@ -590,3 +598,56 @@ def _use_fused(x: Tensor, weight: Tensor, routing: Tensor, spatial: Tensor | Non
         return False
     return x.dtype == weight.dtype == routing.dtype and (spatial is None or spatial.dtype == x.dtype)
 
+
+def conv_with_kernels(x: Tensor, kernels: Tensor, bias: Tensor | None = None, stride=1, padding=0, dilation=1,
+                      groups: int = 1, padding_mode: str = "zeros", strategy: str = "auto") -> Tensor:
+    """Convolve every example with its own, already assembled kernel (KernelWarehouse's per-example kernels).
+
+    The convolution half of :func:`dynamic_conv`, in any rank: the same strategies run it, given the kernels instead
+    of experts and routing. ``'experts'`` and ``'triton'`` need an expert bank, which assembled kernels do not have:
+    they run as ``'bmm'`` (which, like ``'experts'``, keeps a traced batch symbolic).
+
+    Args:
+        x: input ``(B, C_in, *spatial)``, 1, 2 or 3 spatial axes.
+        kernels: ``(B, C_out, C_in // groups, *kernel_size)``.
+        bias: optional ``(C_out,)`` or per-example ``(B, C_out)``.
+        stride, padding, dilation, groups, padding_mode: as in :class:`torch.nn.Conv2d` (``Conv1d``/``Conv3d``).
+        strategy: one of :data:`STRATEGIES` (default ``'auto'``; :func:`use_strategy` overrides it).
+
+    Returns:
+        ``(B, C_out, *spatial_out)``.
+    """
+    _check_strategy(strategy)
+    for name, value in (("x", x), ("kernels", kernels)):
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if x.dim() not in (3, 4, 5) or kernels.dim() != x.dim() + 1 or kernels.shape[0] != x.shape[0]:
+        raise ValueError(f"x (B, C_in, *spatial) with 1-3 spatial axes and kernels (B, C_out, C_in // groups, "
+                         f"*kernel_size) must match, got shapes {tuple(x.shape)} and {tuple(kernels.shape)}")
+    if bias is not None and (not isinstance(bias, Tensor) or bias.shape[-1] != kernels.shape[1] or bias.dim() > 2):
+        raise ValueError(f"bias must be a tensor (C_out,) or (B, C_out) with C_out = {kernels.shape[1]}")
+    shape_only = {"dtype": kernels.dtype, "device": "meta"}  # _validate reads shapes: one "expert", unit routing
+    call = _validate(x, torch.empty((1, *kernels.shape[1:]), **shape_only), torch.empty((x.shape[0], 1), **shape_only),
+                     None, stride, padding, dilation, groups, padding_mode, None)
+    if call.batch == 0:
+        out = x.new_zeros((0, call.out_channels, *call.out_hw), dtype=torch.promote_types(x.dtype, kernels.dtype))
+        return out + 0 * kernels.sum()
+    chosen = _forced_strategy() or strategy
+    if chosen == "auto":
+        chosen = select_strategy(call.batch, call.in_channels, call.out_channels, call.kernel_size, groups, 1,
+                                 call.out_hw, tracing=tracing_kind(), device=x.device,
+                                 training=needs_grad(x, kernels))
+    chosen = "bmm" if chosen in ("experts", "triton") else chosen
+    if chosen == "single" and call.batch != 1:
+        raise ValueError(f"strategy='single' needs batch size 1, got {call.batch}")
+    pointwise = all(k == 1 for k in call.kernel_size)
+    x, geometry = _padded(x, call, groups, padding_mode, explicit=chosen == "bmm" and pointwise)
+    per_example = None if bias is None else bias.expand(call.batch, call.out_channels)
+    if kernels.dtype != x.dtype and not autocast_on(x.device.type):
+        kernels = kernels.to(x.dtype)
+    if per_example is not None and per_example.dtype != x.dtype and not autocast_on(x.device.type):
+        per_example = per_example.to(x.dtype)
+    if chosen in ("grouped", "bmm", "scan"):
+        return getattr(decomposed, chosen)(x, kernels, geometry, call.out_hw, per_example)
+    return CONV_FUNCTIONS[call.rank](x, kernels[0], None if per_example is None else per_example[0], call.stride,
+                                    geometry[1], call.dilation, groups)

@@ -282,21 +282,32 @@ ROUTERS = (SigmoidRouter, SoftmaxRouter, OmniRouter)
 
 
 def set_temperature(model: nn.Module, temperature: float) -> int:
-    """Set the ``temperature`` buffer of every router in ``model`` (in place). Returns how many were set."""
-    value = _check_temperature(temperature)
-    count = 0
-    for module in model.modules():
-        buf = getattr(module, "temperature", None)
-        if isinstance(buf, Tensor) and "temperature" in module._buffers:
-            buf.fill_(value)
-            count += 1
-    return count
+    """Set the ``temperature`` buffer of every router in ``model`` (in place). Returns how many were set.
+
+    Softmax routers (DynamicConv, ODConv) take a positive temperature; a module with a ``temperature_bounds``
+    attribute ``(low, high)`` takes a value in that closed range instead (KernelWarehouse's attention: [0, 1], its
+    one-hot blend weight, annealed 1 -> 0). A value a module cannot take raises ``ValueError`` before any is set.
+    """
+    targets = [m for m in model.modules()
+               if isinstance(getattr(m, "temperature", None), Tensor) and "temperature" in m._buffers]
+    if not targets or any(getattr(m, "temperature_bounds", None) is None for m in targets):
+        _check_temperature(temperature)
+    for module in targets:
+        bounds = getattr(module, "temperature_bounds", None)
+        if bounds is not None and (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
+                                   or not bounds[0] <= temperature <= bounds[1]):
+            raise ValueError(f"temperature must be a number in [{bounds[0]}, {bounds[1]}] for "
+                             f"{type(module).__name__}, got {temperature!r}")
+    for module in targets:
+        module.temperature.fill_(float(temperature))
+    return len(targets)
 
 
 class TemperatureSchedule:
     """Linear temperature annealing from ``start`` to ``end`` over ``iterations`` steps, then flat.
 
-    DynamicConv and ODConv anneal 30 -> 1 over the first 10 epochs' iterations.
+    DynamicConv and ODConv anneal 30 -> 1 over the first 10 epochs' iterations; KernelWarehouse 1 -> 0 over its first
+    ``temp_epoch`` (20 by default, 15 for MobileNetV2) epochs.
 
     Example:
         >>> sched = TemperatureSchedule(30.0, 1.0, iterations=100)
@@ -306,7 +317,8 @@ class TemperatureSchedule:
 
     def __init__(self, start: float = 30.0, end: float = 1.0, iterations: int = 1000) -> None:
         self.start = _check_temperature(start)
-        self.end = _check_temperature(end)
+        # end 0 is KernelWarehouse's (its one-hot blend weight); softmax routers refuse it when it is set
+        self.end = 0.0 if end == 0 and not isinstance(end, bool) else _check_temperature(end)
         if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 0:
             raise ValueError(f"iterations must be a non-negative int, got {iterations!r}")
         self.iterations = iterations

@@ -20,8 +20,12 @@ from condconv.nn.layers import CONV_KINDS
 from condconv.training.recipes import load_recipe, validate_knobs
 from condconv.utils.checks import OptionError, seed_value
 
-__all__ = ["DATASET_MODEL_KWARGS", "FLAG_MODEL_KWARGS", "TrainConfig", "check_dataset_kwargs", "check_model_kwargs",
-           "load_config_file", "model_args"]
+__all__ = ["DATASET_MODEL_KWARGS", "FLAG_MODEL_KWARGS", "MODEL_CONV_KINDS", "TrainConfig", "check_dataset_kwargs",
+           "check_model_kwargs", "load_config_file", "model_args"]
+
+#: ``conv`` values: the layer kinds the zoo's families take, and 'kernelwarehouse' for the KernelWarehouse presets
+#: (``kw_*``, whose layers are fixed: no ``conv``/``num_experts`` argument is passed to them)
+MODEL_CONV_KINDS = (*CONV_KINDS, "kernelwarehouse")
 
 
 @dataclass
@@ -33,7 +37,7 @@ class TrainConfig:
 
     Model:
         model: registered model name (``condconv.list_models()``).
-        conv: 'static', 'condconv', 'dynamic' or 'odconv'.
+        conv: 'static', 'condconv', 'dynamic' or 'odconv'; 'kernelwarehouse' for the ``kw_*`` presets.
         experts: number of experts (None: the layer's default; ignored for 'static').
         width: width multiplier (None: the model's default).
         dropout: dropout before the classifier (None: the model's default).
@@ -186,8 +190,8 @@ class TrainConfig:
 
         if not isinstance(self.model, str) or not self.model:
             bad("model", "a registered model name")
-        if self.conv not in CONV_KINDS:
-            bad("conv", f"one of {', '.join(CONV_KINDS)}")
+        if self.conv not in MODEL_CONV_KINDS:
+            bad("conv", f"one of {', '.join(MODEL_CONV_KINDS)}")
         if self.experts is not None and (not _is_int(self.experts) or self.experts < 1):
             bad("experts", "a positive int or None")
         if self.width is not None and not (_is_number(self.width) and self.width > 0):
@@ -238,9 +242,10 @@ class TrainConfig:
             bad("label_smoothing", "in [0, 1)")
         if self.grad_clip is not None and not (_is_number(self.grad_clip) and self.grad_clip > 0):
             bad("grad_clip", "a positive number or None")
-        for name in ("temperature_start", "temperature_end"):
-            if not (_is_number(getattr(self, name)) and getattr(self, name) > 0):
-                bad(name, "a positive number")
+        if not (_is_number(self.temperature_start) and self.temperature_start > 0):
+            bad("temperature_start", "a positive number")
+        if not (_is_number(self.temperature_end) and self.temperature_end >= 0):  # KernelWarehouse ends at 0
+            bad("temperature_end", "a number >= 0")
         if self.temperature_epochs is not None and not (
             _is_number(self.temperature_epochs) and self.temperature_epochs >= 0
         ):
@@ -330,12 +335,14 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
 
 def model_args(config: TrainConfig, num_classes: int, in_chans: int) -> dict[str, Any]:
     """The ``create_model`` keyword arguments of a training configuration for a dataset's classes and channels."""
-    kwargs: dict[str, Any] = {"num_classes": int(num_classes), "in_chans": int(in_chans), "conv": config.conv}
+    kwargs: dict[str, Any] = {"num_classes": int(num_classes), "in_chans": int(in_chans)}
+    if config.conv != "kernelwarehouse":
+        kwargs["conv"] = config.conv
     if config.width is not None:
         kwargs["width_mult"] = float(config.width)
     if config.dropout is not None:
         kwargs["dropout"] = float(config.dropout)
-    if config.experts is not None and config.conv != "static":
+    if config.experts is not None and config.conv not in ("static", "kernelwarehouse"):
         kwargs["num_experts"] = int(config.experts)
     kwargs.update(config.model_kwargs)
     return kwargs

@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from condconv.cli.commands.options import non_negative_int
 from condconv.models import create_model
+from condconv.models.kernelwarehouse import KW_PRESETS
 from condconv.models.macs import CATEGORIES, CONVENTIONS, PAPER_CONVENTIONS, PAPER_FIGURES, PaperFigure, count_macs
 from condconv.models.papers import paper_table
 from condconv.models.presets import PAPERS, list_presets
@@ -48,8 +49,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also print the N costliest modules of each configuration (default 0: none)")
 
 
+KW_PRESET_NAMES = frozenset(p.name for p in KW_PRESETS)  # KernelWarehouse presets: fixed like the papers'
+
+
 def _configs(args: argparse.Namespace) -> list[tuple[str, float, int, PaperFigure | None]]:
-    presets = [m for m in args.models if m in list_presets()]
+    presets = [m for m in args.models if m in list_presets() or m in KW_PRESET_NAMES]
     if presets and (args.experts is not None or args.width is not None or args.model_kwargs):
         raise ValueError(f"{presets[0]} is a paper preset (fixed architecture): --experts, --width and --model-kwargs "
                          "apply to plain model names")

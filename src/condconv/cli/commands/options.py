@@ -11,8 +11,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from condconv.nn.layers import CONV_KINDS
-from condconv.training.config import TrainConfig, load_config_file
+from condconv.training.config import MODEL_CONV_KINDS, TrainConfig, load_config_file
 from condconv.training.optim import OPTIMIZERS
 from condconv.utils.checks import OptionError, flag, parse_kwargs
 from condconv.utils.fileio import check_writable
@@ -114,7 +113,8 @@ class _Adder:
 def _model_and_data(add: _Adder) -> None:
     add.section("model")
     add("model", "--model", "-m", help="registered model name")
-    add("conv", "--conv", choices=CONV_KINDS, help="convolution kind of the dynamic layers")
+    add("conv", "--conv", choices=MODEL_CONV_KINDS,
+        help="convolution kind of the dynamic layers ('kernelwarehouse' for the kw_* presets)")
     add("experts", "--experts", "-e", type=none_or(int), help="experts per dynamic layer")
     add("width", "--width", "-w", type=none_or(float), help="width multiplier")
     add("dropout", "--dropout", type=none_or(float), help="dropout before the classifier (None: model default)")
