@@ -13,7 +13,7 @@ Compiles every kernel launch the launcher plans for the representative layers of
 
 Run without Triton's interpreter (``TRITON_INTERPRET`` unset), from the repository root::
 
-    PYTHONPATH=src python benchmarks/triton_compile_report.py                 # default subset, ~1-3 minutes
+    PYTHONPATH=src python benchmarks/triton_compile_report.py                 # the report set, a few minutes
     PYTHONPATH=src python benchmarks/triton_compile_report.py --set full      # every layer x E x dtype (long)
 """
 
@@ -126,7 +126,7 @@ def _bytes_rows() -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--set", choices=("default", "full"), default="default")
+    parser.add_argument("--set", choices=tuple(triton_offline.layer_sets()), default="report")
     parser.add_argument("--out", default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -145,7 +145,9 @@ def main(argv: list[str] | None = None) -> int:
         "## Compiler reports per kernel",
         "",
         "`loop TC dots`: tensor-core dots inside loops / all dots inside loops (the kernel-gradient kernel's other two "
-        "loop dots are the exact float32 reductions over experts and examples, on FMA units). `instruction`: the "
+        "loop dots are the exact float32 reductions over experts and examples, on FMA units). `tiles`: `G` examples "
+        "per program, `BM` rows (positions) x `BN` channels per example, `BK` the reduction step, `EB` the experts "
+        "padded to what `tl.dot` needs. `instruction`: the "
         "tensor-core instruction in the PTX (`wgmma` on sm_90a for the 2-D implicit GEMMs; Triton lowers the batched "
         "3-D products of the small-map kernels to `mma` on both targets). `atomics`: 0 everywhere: the backward is "
         "deterministic.",
@@ -160,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
         "bf16 experts for both). In the large-map regime the experts are read once per 16 examples by the mixing "
         "kernel, and the mixed kernels then travel through an L2-sized workspace: its bytes per multiply-add "
         "(written once, read once per row block) are the last column, 0 for the small-map regime, which has none. "
+        "In the small-map regime one program's expert tile serves `G * BM` rows: the launcher takes `BM` as the "
+        "whole map where it can (up to 256 rows) and then the largest `G` within 16384 float32 accumulators, so a "
+        "7x7 map runs 16 examples x 64 rows and a 14x14 map 4 examples x 256 rows per program. "
         "Depthwise "
         "kernels are unchanged in structure (one example per program): only the dtype of the copy differs.",
         "",

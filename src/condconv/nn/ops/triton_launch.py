@@ -184,21 +184,33 @@ def _experts_block(experts: int, dtype: torch.dtype) -> int:
     return max(eb, 16 if dtype in (torch.float16, torch.bfloat16) else 8)
 
 
-def _group_tiles(rows: int, cols: int, batch: int, eb: int, dtype: torch.dtype) -> dict:
-    """Small-map regime: ``G`` examples x ``BM`` rows x ``BN`` channels, ``G * BM * BN`` float32 accumulators at
-    most 16384 (8 warps; 4096 for exact float32, whose products run on FMA units), no spills in the offline
-    reports."""
+def _group_tiles(target: Target, rows: int, cols: int, batch: int, eb: int, dtype: torch.dtype) -> dict:
+    """Small-map regime: ``G`` examples x ``BM`` rows x ``BN`` channels per program.
+
+    Every expert byte a program loads serves ``G * BM`` rows, so the rule makes that product large: ``BM`` covers
+    the example's rows in one block where it can (up to 256: the experts are then read once per example group and
+    the mixing product, ``EB / BM`` of the convolution's multiply-adds, is amortised over the most rows), then ``G``
+    as large as ``G * BM * BN`` float32 accumulators allow: 16384 (8 warps; 4096 for exact float32, whose products
+    run on FMA units), ``BN`` down to 16 before ``G`` shrinks, and the pipelined input and expert tiles within
+    three quarters of the target's shared memory. No spills in the offline reports."""
     if interpreted():
         t = INTERPRETER_TILES
         return {"G": t["G"], "BM": t["BM"], "BN": t["BN"], "BK": t["BK"], "num_warps": 4, "num_stages": 1}
     if dtype == torch.float64:
         return {"G": 2, "BM": 16, "BN": 16, "BK": 8, "num_warps": 4, "num_stages": 1}
-    bm, bn = _pow2(rows, 16, 64), _pow2(cols, 16, 32)
-    g = min(8, triton.next_power_of_2(batch))
-    limit = 4096 if _modes(dtype)["PREC"] == "ieee" and dtype == torch.float32 else 16384  # FMA products: fewer
-    while g > 1 and g * bm * bn > limit:
-        g //= 2
-    return {"G": g, "BM": bm, "BN": bn, "BK": 16, "num_warps": 8 if g * bm * bn >= 8192 else 4, "num_stages": 2}
+    exact32 = _modes(dtype)["PREC"] == "ieee" and dtype == torch.float32
+    limit = 4096 if exact32 else 16384  # FMA products: fewer accumulators
+    bm, bn, bk, stages = _pow2(rows, 16, 64 if exact32 else 256), _pow2(cols, 16, 32), 16, 2
+    g = min(16, triton.next_power_of_2(batch))
+    size = torch.empty((), dtype=dtype).element_size()
+    while g * bm * bn > limit or stages * (g * bm * bk + eb * bk * bn) * size > target.smem * 3 // 4:
+        if bn > 16:
+            bn //= 2
+        elif g > 1:
+            g //= 2
+        else:
+            bm //= 2
+    return {"G": g, "BM": bm, "BN": bn, "BK": bk, "num_warps": 8 if g * bm * bn >= 8192 else 4, "num_stages": stages}
 
 
 def _panel_tiles(target: Target, rows: int, cols: int, dtype: torch.dtype) -> dict:
@@ -315,7 +327,7 @@ def _plan_forward(x, weight, routing, bias, spatial, in_scale, out_scale, stride
     sizes = (channels, height, width, out_channels, out_h, out_w, in_per_group, out_per_group, groups)
     strides = (*xe.stride(), *y.stride())
     if _small_map(positions):
-        t = _group_tiles(positions, out_per_group, batch, eb, x.dtype)
+        t = _group_tiles(target, positions, out_per_group, batch, eb, x.dtype)
         check_offsets({"x": xe, "y": y, "weight": bank, "routing": r}, ("x", "y"))
         grid = (triton.cdiv(positions, t["BM"]) * triton.cdiv(batch, t["G"]) * groups,
                 triton.cdiv(out_per_group, t["BN"]))
@@ -384,7 +396,7 @@ def _plan_input_grad(grad, x, weight, r, sp, isc, osc, flags, stride, padding, d
     sizes = (channels, height, width, out_channels, out_h, out_w, in_per_group, out_per_group, groups)
     strides = (*dy.stride(), *gx.stride())
     if _small_map(height * width):
-        t = _group_tiles(rows, in_per_group, batch, eb, grad.dtype)
+        t = _group_tiles(target, rows, in_per_group, batch, eb, grad.dtype)
         check_offsets({"grad": dy, "grad_x": gx, "weight": bank}, ("grad", "grad_x"))
         grid = (phases * triton.cdiv(rows, t["BM"]) * triton.cdiv(batch, t["G"]) * groups,
                 triton.cdiv(in_per_group, t["BN"]))
