@@ -35,9 +35,9 @@ if ptxas(80) is None or ptxas(90) is None:
                 allow_module_level=True)
 
 DENSE_16BIT = ("forward/small-map", "forward/large-map", "input-grad/small-map", "input-grad/large-map",
-               "kernel-grads/dense")
+               "kernel-grads/dense", "kernel-grads/large-map")
 EVERY_ROLE = set(DENSE_16BIT) | {"forward/mix", "input-grad/mix", "forward/depthwise", "input-grad/depthwise",
-                                 "kernel-grads/depthwise"}
+                                 "kernel-grads/depthwise", "kernel-grads/reduce"}
 
 
 def _compile(which: str, tmp_path: Path) -> list[dict]:
