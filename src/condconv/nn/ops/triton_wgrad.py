@@ -21,8 +21,9 @@ Two regimes, as in the forward (``triton_gemm``):
 - large maps (``_wgrad_panel_kernel`` then ``_wgrad_group_kernel`` with ``FROM_WS``, per chunk of examples): ``Graw``
   of each example, all kernel positions at once, is one large-tile implicit GEMM over the example's positions (rows
   ``(kpos, c)``: a tile spans several kernel positions and gathers their input windows as one tile; a 2-D
-  ``tl.dot``, wgmma on sm_90a) into a float32 workspace of at most 16 MiB (there ``Graw`` is smaller than the
-  example's activations), then the reduction kernel reads it per group of ``G`` examples for the products above.
+  ``tl.dot``, wgmma on sm_90a) into a float32 workspace of at most 16 MiB (there ``Graw`` is at most a few times
+  the size of the example's activations, and each of its elements sums hundreds of positions), then the reduction
+  kernel reads it per group of ``G`` examples for the products above.
 
 Every program writes its partial sums to its own slots (no atomics); the launcher adds the slots up in a fixed order,
 so the gradients are the same bit for bit from run to run.
@@ -73,6 +74,28 @@ def _graw(x_ptr, dy_ptr, offs_g, g_ok, ci, c_ok, co, o_ok, OH, OW, H, W, SH, SW,
 
 
 @triton.jit
+def _flat_tile(kpos, pid_c, pid_o, g, CG, OG, O, BC: tl.constexpr, BO: tl.constexpr):
+    """Offsets ``kpos * CG * O + c * O + o`` of a ``(c, o)`` tile of one kernel position, flattened to ``[BC * BO]``
+    (a flat load of the float32 workspace, reshaped after, does not spill where a 3-D load does), and their mask."""
+    j = tl.arange(0, BC * BO)
+    cj = pid_c * BC + j // BO
+    oj = pid_o * BO + j % BO
+    return kpos * CG * O + cj * O + g * OG + oj, (cj < CG) & (oj < OG)
+
+
+@triton.jit
+def _experts_dot(gk, w_ptrs, ok, E_STRIDE, E: tl.constexpr, EB: tl.constexpr, G: tl.constexpr, ACC: tl.constexpr):
+    """``[G, EB]``: ``sum_n gk[g, n] * w[e, n]`` one expert at a time (``w_ptrs``: expert 0's flat tile; with a
+    ``gk`` loaded from the workspace, the same reduction as one product spills in ptxas)."""
+    offs_e = tl.arange(0, EB)
+    ge = tl.zeros([G, EB], ACC)
+    for e in range(E):
+        we = tl.load(w_ptrs + e * E_STRIDE, mask=ok, other=0.0).to(ACC)
+        ge = tl.where(offs_e[None, :] == e, tl.sum(gk * we[None, :], axis=1)[:, None], ge)
+    return ge
+
+
+@triton.jit
 def _wgrad_group_kernel(x_ptr, dy_ptr, w_ptr, r_ptr, sp_ptr, is_ptr, os_ptr,
                         gw_ptr, gr_ptr, gsp_ptr, gis_ptr, gos_ptr, ws_ptr, WS0, BEND,
                         B, C, H, W, O, OH, OW, CG, OG, GROUPS, BCHUNK,
@@ -118,17 +141,13 @@ def _wgrad_group_kernel(x_ptr, dy_ptr, w_ptr, r_ptr, sp_ptr, is_ptr, os_ptr,
     w_mask = e_ok[:, None, None] & c_ok[None, :, None] & o_ok[None, None, :]
     w3 = tl.reshape(tl.load(w_ptr + w_off, mask=w_mask, other=0.0).to(ACC), [EB, BC * BO])
     acc_w = tl.zeros([EB, BC * BO], ACC)
+    flat, flat_ok = _flat_tile(kpos, pid_c, pid_o, g, CG, OG, O, BC, BO)
     for i in range(tl.cdiv(b1 - b0, G)):
         offs_g = b0 + i * G + tl.arange(0, G)
         g_ok = offs_g < b1
-        if FROM_WS:  # loaded flat ([G, BC * BO]: a 3-D load of the fp32 workspace spills) and then reshaped
-            j = tl.arange(0, BC * BO)
-            cj = pid_c * BC + j // BO
-            oj = pid_o * BO + j % BO
-            ws_off = ((offs_g - WS0).to(tl.int64)[:, None] * (KK * CG * O)
-                      + (kpos * CG * O + cj * O + g * OG + oj)[None, :])
-            graw = tl.reshape(tl.load(ws_ptr + ws_off, mask=g_ok[:, None] & ((cj < CG) & (oj < OG))[None, :],
-                                      other=0.0).to(ACC), [G, BC, BO])
+        if FROM_WS:
+            graw = tl.reshape(tl.load(ws_ptr + (offs_g - WS0).to(tl.int64)[:, None] * (KK * CG * O) + flat[None, :],
+                                      mask=g_ok[:, None] & flat_ok[None, :], other=0.0).to(ACC), [G, BC, BO])
         else:
             graw = _graw(x_ptr, dy_ptr, offs_g, g_ok, ci, c_ok, co, o_ok, OH, OW, H, W, SH, SW,
                          (kpos // KW) * DH - PT, (kpos % KW) * DW - PL, sxb, sxc, sxh, sxw, sdb, sdc, sdh, sdw,
@@ -152,12 +171,8 @@ def _wgrad_group_kernel(x_ptr, dy_ptr, w_ptr, r_ptr, sp_ptr, is_ptr, os_ptr,
         if NEED_W:
             acc_w = _red(tl.trans(rs), gk, acc_w, RED)
         if NEED_R or NEED_SP:
-            if FROM_WS:  # one expert at a time (with a loaded Graw, the product below spills in ptxas)
-                ge = tl.zeros([G, EB], ACC)
-                for e in range(E):
-                    we = tl.load(w_ptr + e * (KK * CG * O) + kpos * CG * O + cj * O + g * OG + oj,
-                                 mask=(cj < CG) & (oj < OG), other=0.0).to(ACC)
-                    ge = tl.where(offs_e[None, :] == e, tl.sum(gk * we[None, :], axis=1)[:, None], ge)
+            if FROM_WS:
+                ge = _experts_dot(gk, w_ptr + flat, flat_ok, KK * CG * O, E, EB, G, ACC)
             else:
                 ge = _red(gk, tl.trans(w3), tl.zeros([G, EB], ACC), RED)
             if NEED_R:
