@@ -141,7 +141,8 @@ def _wgrad_group_kernel(x_ptr, dy_ptr, w_ptr, r_ptr, sp_ptr, is_ptr, os_ptr,
     w_mask = e_ok[:, None, None] & c_ok[None, :, None] & o_ok[None, None, :]
     w3 = tl.reshape(tl.load(w_ptr + w_off, mask=w_mask, other=0.0).to(ACC), [EB, BC * BO])
     acc_w = tl.zeros([EB, BC * BO], ACC)
-    flat, flat_ok = _flat_tile(kpos, pid_c, pid_o, g, CG, OG, O, BC, BO)
+    if FROM_WS:
+        flat, flat_ok = _flat_tile(kpos, pid_c, pid_o, g, CG, OG, O, BC, BO)
     for i in range(tl.cdiv(b1 - b0, G)):
         offs_g = b0 + i * G + tl.arange(0, G)
         g_ok = offs_g < b1
