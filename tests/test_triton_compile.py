@@ -8,7 +8,7 @@ inputs tensor-core products in the main loops (wgmma for the 2-D implicit GEMMs 
 
 The default test compiles every kernel role once per target in 16 bits (``layer_sets()['default']``: small-map
 regime with every ODConv attention, large-map regime with its mixing kernel, a stride and 16 experts, depthwise
-5x5), about a minute with a cold Triton cache on two cores. The exhaustive sweep (every layer of
+5x5), 33-43 s with a cold Triton cache on two shared cores. The exhaustive sweep (every layer of
 ``triton_offline.LAYERS`` x E in {1, 4, 8, 16} x bf16, fp16, fp32, fp64) is marked slow.
 """
 
