@@ -13,7 +13,7 @@ Compiles every kernel launch the launcher plans for the representative layers of
 
 Run without Triton's interpreter (``TRITON_INTERPRET`` unset), from the repository root::
 
-    PYTHONPATH=src python benchmarks/triton_compile_report.py                 # default subset, ~1-3 minutes
+    PYTHONPATH=src python benchmarks/triton_compile_report.py                 # the report set, a few minutes
     PYTHONPATH=src python benchmarks/triton_compile_report.py --set full      # every layer x E x dtype (long)
 """
 
@@ -94,6 +94,41 @@ def expert_bytes(layer) -> dict:
             **{f"old {p} bf16": 2 * old[p] / macs for p in old}}
 
 
+def wgrad_bytes(layer) -> dict | None:
+    """Large maps' kernel gradients, bf16: operand bytes the kernels load per multiply-add (loads issued, before
+    caches), the per-kernel-position kernel before this change (``x`` and ``dy`` tiles of ``BC`` x ``BO`` per step)
+    beside the per-example implicit GEMM (``BM`` x ``BN`` tiles) plus its float32 workspace (written once, read
+    once). None for small maps and depthwise layers (unchanged)."""
+    t = layer.tensors(torch.bfloat16)
+    stride, padding, dilation, groups = layer.geometry()
+    launches = triton_launch.plan(t["x"], t["weight"], t["routing"], None, t["spatial"], t["in_scale"],
+                                  t["out_scale"], stride, padding, dilation, groups,
+                                  triton_launch.Target(227 << 10, 132))
+    panel = [launch.kwargs for launch in launches if launch.role == "kernel-grads/large-map"]
+    if not panel:
+        return None
+    out = (layer.size + 2 * (layer.k // 2) - layer.k) // layer.stride + 1
+    eb = triton_launch._experts_block(layer.experts, torch.float32)
+    old = triton_launch._wgrad_tiles(layer.cout // groups, layer.cin // groups, out * out, eb, torch.bfloat16)
+    bm, bn = panel[0]["BM"], panel[0]["BN"]
+    return {"old": 2 * (old["BC"] + old["BO"]) / (old["BC"] * old["BO"]), "old tiles": f"BC={old['BC']} BO={old['BO']}",
+            "new": 2 * (bm + bn) / (bm * bn), "new tiles": f"BM={bm} BN={bn}", "workspace": 8 / (out * out)}
+
+
+def _wgrad_rows() -> list[str]:
+    rows = ["| layer | positions | before: tiles | bytes/MAC | now: tiles | bytes/MAC | + workspace | ratio |",
+            "|---" * 8 + "|"]
+    for layer in triton_offline.LAYERS.values():
+        c = wgrad_bytes(replace(layer, experts=8, batch=128))
+        if c is None:
+            continue
+        out = (layer.size + 2 * (layer.k // 2) - layer.k) // layer.stride + 1
+        new = c["new"] + c["workspace"]
+        rows.append(f"| {layer.name} | {out}x{out} | {c['old tiles']} | {c['old']:.4f} | {c['new tiles']} | "
+                    f"{c['new']:.4f} | {c['workspace']:.4f} | {c['old'] / new:.1f}x |")
+    return rows
+
+
 def _kernel_rows(reports: list[dict]) -> list[str]:
     rows = ["| layer | dtype | E | sm | role | kernel | tiles | warps | stages | registers | spills (B) | shared (B) |"
             " instruction | loop TC dots | atomics |", "|---" * 15 + "|"]
@@ -126,7 +161,7 @@ def _bytes_rows() -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--set", choices=("default", "full"), default="default")
+    parser.add_argument("--set", choices=tuple(triton_offline.layer_sets()), default="report")
     parser.add_argument("--out", default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -145,7 +180,12 @@ def main(argv: list[str] | None = None) -> int:
         "## Compiler reports per kernel",
         "",
         "`loop TC dots`: tensor-core dots inside loops / all dots inside loops (the kernel-gradient kernel's other two "
-        "loop dots are the exact float32 reductions over experts and examples, on FMA units). `instruction`: the "
+        "loop dots are the exact float32 reductions over experts and examples, on FMA units). Large maps' kernel "
+        "gradients: `kernel-grads/large-map` is each example's kernel gradient for all kernel positions, one implicit "
+        "GEMM over its positions into a workspace (a 2-D product: wgmma on sm_90a), `kernel-grads/reduce` the "
+        "reductions over groups of examples reading it (float32, FMA units). `tiles`: `G` examples "
+        "per program, `BM` rows (positions) x `BN` channels per example, `BK` the reduction step, `EB` the experts "
+        "padded to what `tl.dot` needs. `instruction`: the "
         "tensor-core instruction in the PTX (`wgmma` on sm_90a for the 2-D implicit GEMMs; Triton lowers the batched "
         "3-D products of the small-map kernels to `mma` on both targets). `atomics`: 0 everywhere: the backward is "
         "deterministic.",
@@ -160,10 +200,24 @@ def main(argv: list[str] | None = None) -> int:
         "bf16 experts for both). In the large-map regime the experts are read once per 16 examples by the mixing "
         "kernel, and the mixed kernels then travel through an L2-sized workspace: its bytes per multiply-add "
         "(written once, read once per row block) are the last column, 0 for the small-map regime, which has none. "
+        "In the small-map regime one program's expert tile serves `G * BM` rows: the launcher takes `BM` as the "
+        "whole map where it can (up to 256 rows) and then the largest `G` within 16384 float32 accumulators, so a "
+        "7x7 map runs 16 examples x 64 rows and a 14x14 map 4 examples x 256 rows per program. "
         "Depthwise "
         "kernels are unchanged in structure (one example per program): only the dtype of the copy differs.",
         "",
         *_bytes_rows(),
+        "",
+        "## Kernel gradients of large maps: operand bytes loaded per multiply-add (bf16)",
+        "",
+        "Loads issued by the kernels per multiply-add of the kernel gradient (before caches), from the tiles the "
+        "launcher plans. Before: one program per kernel position, `x` and `dy` tiles of `BC` input x `BO` output "
+        "channels per step, the input re-read for every kernel position. Now: each example's kernel gradient for "
+        "all kernel positions by one implicit GEMM with `BM` rows (kernel position, channel) x `BN` output channels, "
+        "plus its float32 workspace (written once, read once by the reductions over groups of examples: 8 bytes "
+        "per element, each element a sum over the example's positions). Small maps keep the kernel of before.",
+        "",
+        *_wgrad_rows(),
         "",
     ]
     os.makedirs(os.path.dirname(args.out), exist_ok=True)

@@ -591,6 +591,22 @@ def test_large_map_regime_matches_reference(case, workspace, regime):
     compare(case, torch.float32, rtol=1e-4)
 
 
+def test_large_map_regime_plans_the_kernel_gradient_through_a_workspace(regime):
+    """Large maps: the kernel gradients are one implicit GEMM per example into a workspace (all kernel positions in
+    one launch) and then the reductions over groups of examples, chunk by chunk; small maps keep one kernel."""
+    from condconv.nn.ops import triton_launch
+
+    x, w, r = torch.randn(3, 4, 6, 5), torch.randn(2, 6, 4, 3, 3), torch.rand(3, 2)
+    regime("panel", 1)
+    roles = [launch.role for launch in triton_launch.plan(x, w, r, None, None, None, None, (1, 1), (1, 1, 1, 1),
+                                                          (1, 1), 1) if launch.role.startswith("kernel-grads")]
+    assert roles == ["kernel-grads/large-map", "kernel-grads/reduce"] * 3
+    regime("group")
+    roles = [launch.role for launch in triton_launch.plan(x, w, r, None, None, None, None, (1, 1), (1, 1, 1, 1),
+                                                          (1, 1), 1) if launch.role.startswith("kernel-grads")]
+    assert roles == ["kernel-grads/dense"]
+
+
 def test_large_map_regime_float64(regime):
     regime("panel", 1)
     compare(REGIME_CASES[0], F64, rtol=1e-10)
@@ -612,11 +628,15 @@ def test_example_groups_and_many_experts(group, batch, experts, monkeypatch, reg
     compare(c, torch.float32, rtol=1e-4)
 
 
-@pytest.mark.parametrize("groups", ["dense", "dw2"])
-def test_deterministic_backward(groups):
+@pytest.mark.parametrize("groups, panel", [("dense", False), ("dw2", False), ("dense", True)],
+                         ids=["dense", "dw2", "dense-large-map"])
+def test_deterministic_backward(groups, panel, regime):
     """Under torch.use_deterministic_algorithms(True) the op runs (no error) and two backward passes agree bit for
-    bit and with the reference. (The kernels have no atomics at all: tests/test_triton_compile.py checks their PTX,
+    bit and with the reference (also in the large-map regime, whose kernel gradients go through a workspace in
+    chunks of one example). (The kernels have no atomics at all: tests/test_triton_compile.py checks their PTX,
     which is what makes this hold on a GPU too.)"""
+    if panel:
+        regime("panel", 1)
     c = {"kernel": (3, 3), "groups": groups, "padding": "sym", "stride": 1, "dilation": 1, "bias": True,
          "spatial": True, "in_scale": True, "out_scale": True, "batch": 3, "fmt": "nchw", "hw": (4, 4)}
     t = make_case(c)

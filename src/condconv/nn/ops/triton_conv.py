@@ -26,7 +26,8 @@ float32 buffers and returned in each input's dtype. float32 products use TF32 on
 
 Backward: the input gradient is a transposed implicit GEMM with the re-mixed kernel, per stride phase over the
 valid kernel positions only; one kernel computes, per group of examples and tile, the gradient ``G_b`` of the mixed
-kernel and reduces it at once into the gradients of the experts, routing, spatial attention and both channel scales.
+kernel (small maps; large maps: read from a workspace that one implicit GEMM per example fills) and reduces it at
+once into the gradients of the experts, routing, spatial attention and both channel scales.
 The output-scale gradient ``sum_hw dy * conv(...)`` is obtained there as ``sum_{c, kpos} G_b / out_scale * K_b``
 (the factor is simply not applied), and the input-scale gradient likewise, so the forward saves nothing beyond its
 inputs and nothing is recomputed. No kernel uses atomics: each program writes partial sums to its own slots, added

@@ -8,7 +8,9 @@ there are the ones launched here.
 Regimes of the dense and grouped kernels (:mod:`condconv.nn.ops.triton_gemm`): up to :data:`SMALL_MAP_POSITIONS`
 positions per example (every default CondConv placement), a program owns ``G`` examples and mixes their kernel
 tiles from one load of the experts' tiles; larger maps mix the per-example kernels of a chunk of examples into a
-workspace of at most :data:`WORKSPACE_BYTES` (so that it stays in L2) and run a plain implicit GEMM per example.
+workspace of at most :data:`WORKSPACE_BYTES` (so that it stays in L2) and run a plain implicit GEMM per example; their
+kernel gradients likewise go through a workspace (each example's kernel gradient, all kernel positions, by one
+implicit GEMM, then the reductions over groups of examples: :mod:`condconv.nn.ops.triton_wgrad`).
 
 Tile sizes come from small shape rules, not from ``triton.autotune`` (a training run whose batch or image size varies
 would re-tune at every new shape). They have not been timed on a GPU (none was available): they are checked against
@@ -184,21 +186,33 @@ def _experts_block(experts: int, dtype: torch.dtype) -> int:
     return max(eb, 16 if dtype in (torch.float16, torch.bfloat16) else 8)
 
 
-def _group_tiles(rows: int, cols: int, batch: int, eb: int, dtype: torch.dtype) -> dict:
-    """Small-map regime: ``G`` examples x ``BM`` rows x ``BN`` channels, ``G * BM * BN`` float32 accumulators at
-    most 16384 (8 warps; 4096 for exact float32, whose products run on FMA units), no spills in the offline
-    reports."""
+def _group_tiles(target: Target, rows: int, cols: int, batch: int, eb: int, dtype: torch.dtype) -> dict:
+    """Small-map regime: ``G`` examples x ``BM`` rows x ``BN`` channels per program.
+
+    Every expert byte a program loads serves ``G * BM`` rows, so the rule makes that product large: ``BM`` covers
+    the example's rows in one block where it can (up to 256: the experts are then read once per example group and
+    the mixing product, ``EB / BM`` of the convolution's multiply-adds, is amortised over the most rows), then ``G``
+    as large as ``G * BM * BN`` float32 accumulators allow: 16384 (8 warps; 4096 for exact float32, whose products
+    run on FMA units), ``BN`` down to 16 before ``G`` shrinks, and the pipelined input and expert tiles within
+    three quarters of the target's shared memory. No spills in the offline reports."""
     if interpreted():
         t = INTERPRETER_TILES
         return {"G": t["G"], "BM": t["BM"], "BN": t["BN"], "BK": t["BK"], "num_warps": 4, "num_stages": 1}
     if dtype == torch.float64:
         return {"G": 2, "BM": 16, "BN": 16, "BK": 8, "num_warps": 4, "num_stages": 1}
-    bm, bn = _pow2(rows, 16, 64), _pow2(cols, 16, 32)
-    g = min(8, triton.next_power_of_2(batch))
-    limit = 4096 if _modes(dtype)["PREC"] == "ieee" and dtype == torch.float32 else 16384  # FMA products: fewer
-    while g > 1 and g * bm * bn > limit:
-        g //= 2
-    return {"G": g, "BM": bm, "BN": bn, "BK": 16, "num_warps": 8 if g * bm * bn >= 8192 else 4, "num_stages": 2}
+    exact32 = _modes(dtype)["PREC"] == "ieee" and dtype == torch.float32
+    limit = 4096 if exact32 else 16384  # FMA products: fewer accumulators
+    bm, bn, bk, stages = _pow2(rows, 16, 64 if exact32 else 256), _pow2(cols, 16, 32), 16, 2
+    g = min(16, triton.next_power_of_2(batch))
+    size = torch.empty((), dtype=dtype).element_size()
+    while g * bm * bn > limit or stages * (g * bm * bk + eb * bk * bn) * size > target.smem * 3 // 4:
+        if bn > 16 and not (exact32 and g > 2):  # exact float32: G=4, BN=16 spills with ODConv's attentions
+            bn //= 2
+        elif g > 1:
+            g //= 2
+        else:
+            bm //= 2
+    return {"G": g, "BM": bm, "BN": bn, "BK": bk, "num_warps": 8 if g * bm * bn >= 8192 else 4, "num_stages": stages}
 
 
 def _panel_tiles(target: Target, rows: int, cols: int, dtype: torch.dtype) -> dict:
@@ -315,7 +329,7 @@ def _plan_forward(x, weight, routing, bias, spatial, in_scale, out_scale, stride
     sizes = (channels, height, width, out_channels, out_h, out_w, in_per_group, out_per_group, groups)
     strides = (*xe.stride(), *y.stride())
     if _small_map(positions):
-        t = _group_tiles(positions, out_per_group, batch, eb, x.dtype)
+        t = _group_tiles(target, positions, out_per_group, batch, eb, x.dtype)
         check_offsets({"x": xe, "y": y, "weight": bank, "routing": r}, ("x", "y"))
         grid = (triton.cdiv(positions, t["BM"]) * triton.cdiv(batch, t["G"]) * groups,
                 triton.cdiv(out_per_group, t["BN"]))
@@ -384,7 +398,7 @@ def _plan_input_grad(grad, x, weight, r, sp, isc, osc, flags, stride, padding, d
     sizes = (channels, height, width, out_channels, out_h, out_w, in_per_group, out_per_group, groups)
     strides = (*dy.stride(), *gx.stride())
     if _small_map(height * width):
-        t = _group_tiles(rows, in_per_group, batch, eb, grad.dtype)
+        t = _group_tiles(target, rows, in_per_group, batch, eb, grad.dtype)
         check_offsets({"grad": dy, "grad_x": gx, "weight": bank}, ("grad", "grad_x"))
         grid = (phases * triton.cdiv(rows, t["BM"]) * triton.cdiv(batch, t["G"]) * groups,
                 triton.cdiv(in_per_group, t["BN"]))
@@ -467,33 +481,56 @@ def _plan_kernel_grads(grad, x, weight, r, sp, isc, osc, flags, need, stride, pa
         out_per_group = out_channels // groups
         eb = _experts_block(experts, torch.float32 if x.dtype != torch.float64 else x.dtype)
         t = _wgrad_tiles(out_per_group, in_per_group, positions, eb, x.dtype)
+        if x.dtype == torch.float64 and eb > 8 and not interpreted():
+            t = {**t, "BC": 8, "BO": 8}  # spills at 16 experts otherwise (the offline reports)
         g = t["G"]
         n_ob, n_cb = triton.cdiv(out_per_group, t["BO"]), triton.cdiv(in_per_group, t["BC"])
         tiles = n_ob * n_cb * groups
         slots = {"R": tiles * kk, "SP": tiles, "OS": n_cb * kk, "IS": n_ob * kk}
-    chunk = _batch_chunk(target, batch, tiles * kk, g, bank.numel() * 4)
-    n_chunks = max(1, triton.cdiv(batch, chunk))
+    panel = not depthwise and not _small_map(positions)
+    per_example = kk * in_per_group * out_channels
+    ws_chunk = _chunk_examples(batch, per_example * (8 if x.dtype == torch.float64 else 4)) if panel else batch
+    chunk = _batch_chunk(target, min(batch, max(1, ws_chunk)), tiles * kk, g, bank.numel() * 4)
+    spans = [(b0, min(batch, b0 + ws_chunk)) for b0 in range(0, batch, max(1, ws_chunk))]
+    n_chunks = max(1, sum(triton.cdiv(b1 - b0, chunk) for b0, b1 in spans))
     shapes = {"W": (n_chunks, *bank.shape), "R": (slots["R"], batch, experts), "SP": (slots["SP"], batch, kk),
               "IS": (slots["IS"], batch, channels), "OS": (slots["OS"], batch, out_channels)}
     bufs = {k: torch.zeros(shapes[k] if need[k] else (1,), dtype=acc_dtype, device=x.device) for k in shapes}
     if batch == 0:
         return bufs, []
     xe, dy = (x, grad) if depthwise else (_entry(x), _entry(grad))
+    ws = torch.empty((min(batch, ws_chunk), per_example) if panel else (1,), dtype=acc_dtype, device=x.device)
     check_offsets({"x": xe, "grad": dy, "weight": bank, **{f"partial {k}": bufs[k] for k in ("R", "SP", "IS", "OS")},
-                   "partial W": bufs["W"]}, ("x", "grad", "partial W"))
-    args = (xe, dy, bank, r, sp, isc, osc, bufs["W"], bufs["R"], bufs["SP"], bufs["IS"], bufs["OS"])
+                   "partial W": bufs["W"], "workspace": ws}, ("x", "grad", "partial W", "workspace"))
     geometry = _geometry(stride, padding, dilation)
     kwargs = {**flags, "EB": eb, **{f"NEED_{k}": need[k] for k in shapes}, "ACC": modes["ACC"], **t}
     if depthwise:
+        args = (xe, dy, bank, r, sp, isc, osc, bufs["W"], bufs["R"], bufs["SP"], bufs["IS"], bufs["OS"])
         grid = (n_ob * n_chunks, kk)
         args += (batch, channels, height, width, out_channels, out_h, out_w, mult, chunk, *xe.stride(),
                  *dy.stride(), *geometry)
         return bufs, [Launch("kernel-grads/depthwise", kern._wgrad_depthwise_kernel, grid, args, kwargs)]
-    grid = (tiles * n_chunks, kk)
-    args += (batch, channels, height, width, out_channels, out_h, out_w, in_per_group, out_channels // groups,
-             groups, chunk, *xe.stride(), *dy.stride(), *geometry)
-    kwargs.update(DOT=modes["DOT"], PREC=modes["PREC"], RED="fp64" if x.dtype == torch.float64 else "fp32")
-    return bufs, [Launch("kernel-grads/dense", wgrad._wgrad_group_kernel, grid, args, kwargs)]
+    kwargs.update(DOT=modes["DOT"], PREC=modes["PREC"], RED="fp64" if x.dtype == torch.float64 else "fp32",
+                  FROM_WS=panel)
+    sizes = (channels, height, width, out_channels, out_h, out_w, in_per_group, out_channels // groups, groups)
+    launches, slot = [], 0
+    for b0, b1 in spans:
+        if panel:
+            p = _panel_tiles(target, kk * in_per_group, out_channels // groups, x.dtype)
+            grid = (triton.cdiv(kk * in_per_group, p["BM"]), triton.cdiv(out_channels // groups, p["BN"]),
+                    (b1 - b0) * groups)
+            launches.append(Launch("kernel-grads/large-map", wgrad._wgrad_panel_kernel, grid,
+                                   (xe, dy, ws, b0, *sizes, *xe.stride(), *dy.stride(), *geometry),
+                                   {"KH": kh, "KW": kw, "DOT": modes["DOT"], "ACC": modes["ACC"],
+                                    "PREC": modes["PREC"], **p}))
+        n = triton.cdiv(b1 - b0, chunk)
+        args = (xe, dy, bank, r, sp, isc, osc, bufs["W"][slot:slot + n] if need["W"] else bufs["W"], bufs["R"],
+                bufs["SP"], bufs["IS"], bufs["OS"], ws, b0, b1, batch, *sizes[:-1], groups, chunk, *xe.stride(),
+                *dy.stride(), *geometry)
+        launches.append(Launch("kernel-grads/reduce" if panel else "kernel-grads/dense", wgrad._wgrad_group_kernel,
+                               (tiles * n, kk), args, kwargs))
+        slot += n
+    return bufs, launches
 
 
 # ------------------------------------------------------------------------------------------------ backward

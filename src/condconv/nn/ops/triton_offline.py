@@ -9,7 +9,7 @@ and specialisation choices are the launcher's.
 
 Run as a module (Triton's interpreter must be off: ``TRITON_INTERPRET`` unset)::
 
-    python -m condconv.nn.ops.triton_offline --set default --json report.json
+    python -c "from condconv.nn.ops.triton_offline import write_reports; write_reports('default', 'out.json')"
 
 The tests (``tests/test_triton_compile.py``) and ``benchmarks/triton_compile_report.py`` use it that way.
 """
@@ -90,18 +90,25 @@ LAYERS: dict[str, Layer] = {layer.name: layer for layer in _resnet50() + _effnet
 
 
 def layer_sets() -> dict[str, list[tuple[Layer, torch.dtype]]]:
-    """``default``: a representative subset covering every kernel and regime, E = 1, 4, 8, 16 and the four dtypes;
-    ``full``: every layer x E in {1, 4, 8, 16} x four dtypes."""
+    """The layer sets compiled, as ``(layer, dtype)`` pairs.
+
+    - ``default`` (the default test, meant to take about a minute with a cold Triton cache): every kernel role once
+      per target in 16 bits: the small-map regime with every ODConv attention (bf16, E = 4), the large-map regime
+      and its mixing kernel with a stride and E = 16 (bf16), the depthwise kernels (fp16, 5x5);
+    - ``report`` (``benchmarks/triton_compile_report.py``): ``default`` plus E = 8 in a 7x7 stage, exact float32
+      with E = 1 and float64: E = 1, 4, 8, 16 and the four dtypes;
+    - ``full`` (the slow test): every layer x E in {1, 4, 8, 16} x four dtypes.
+    """
     from dataclasses import replace
 
     bf16, fp16 = torch.bfloat16, torch.float16
-    default = [(LAYERS["r50-s4-3x3"], bf16), (replace(LAYERS["r50-s2-3x3-stride2"], experts=16), bf16),
-               (LAYERS["odconv-3x3-14"], bf16), (replace(LAYERS["b0-dw5x5-7"], experts=4), fp16),
-               (replace(LAYERS["r50-s3-1x1-reduce"], experts=1), torch.float32),
-               (LAYERS["odconv-dw3x3-14"], torch.float64)]
+    default = [(LAYERS["odconv-3x3-14"], bf16), (replace(LAYERS["r50-s2-3x3-stride2"], experts=16), bf16),
+               (replace(LAYERS["b0-dw5x5-7"], experts=4), fp16)]
+    report = [(LAYERS["r50-s4-3x3"], bf16), *default, (replace(LAYERS["r50-s3-1x1-reduce"], experts=1), torch.float32),
+              (LAYERS["odconv-dw3x3-14"], torch.float64)]
     full = [(replace(layer, experts=e, name=f"{layer.name}-e{e}"), dt) for layer in LAYERS.values()
             for e in (1, 4, 8, 16) for dt in (bf16, torch.float16, torch.float32, torch.float64)]
-    return {"default": default, "full": full}
+    return {"default": default, "report": report, "full": full}
 
 
 # ------------------------------------------------------------------------------------------------ the stand-in
@@ -251,9 +258,10 @@ def compile_layer(layer: Layer, dtype: torch.dtype, arch: int) -> list[dict]:
         driver._active = previous
 
 
-def write_reports(which: str, path: str, archs: tuple[int, ...] = (90, 80)) -> list[dict]:
-    """Compile the layer set ``which`` (``'default'`` or ``'full'``) for ``archs`` and write the reports to ``path``
-    (a JSON list). Run it with Triton's interpreter off (a fresh process: the interpreter does not compile).
+def write_reports(which: str, path: str, archs: tuple[int, ...] | str = (90, 80)) -> list[dict]:
+    """Compile the layer set ``which`` (a key of :func:`layer_sets`) for ``archs`` (capabilities, or a string of
+    them separated by commas, e.g. ``"90,80"``) and write the reports to ``path`` (a JSON list). Run it with
+    Triton's interpreter off (a fresh process: the interpreter does not compile).
 
     Raises:
         ValueError: an unknown set or architecture, or TRITON_INTERPRET is set.
@@ -261,6 +269,7 @@ def write_reports(which: str, path: str, archs: tuple[int, ...] = (90, 80)) -> l
     sets = layer_sets()
     if which not in sets:
         raise ValueError(f"which must be one of {sorted(sets)}, got {which!r}")
+    archs = tuple(int(a) for a in (archs.split(",") if isinstance(archs, str) else archs))
     unknown = [a for a in archs if a not in SMEM_LIMIT]
     if unknown:
         raise ValueError(f"archs must be among {sorted(SMEM_LIMIT)}, got {unknown}")
