@@ -316,7 +316,7 @@ def _condconv_figures() -> tuple[PaperFigure, ...]:
     from the paper presets, :mod:`condconv.models.presets`, the one place the published figures are written)."""
     figures: dict[tuple[str, int], PaperFigure] = {}
     for preset in PRESETS:
-        if preset.paper != "condconv":
+        if preset.paper != "condconv" or preset.macs is None:  # no published figure (e.g. timm's B1 weights)
             continue
         figures.setdefault((preset.model, 1), PaperFigure(preset.model, 1, preset.baseline_macs, preset.baseline_params,
                                                           preset.source, _BASELINE_NOTES.get(preset.model, "")))
