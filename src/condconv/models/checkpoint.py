@@ -46,7 +46,6 @@ __all__ = [
     "load_model",
     "load_state_dict",
     "read_state",
-    "read_state_dict",
     "read_weights",
     "remove_temporaries",
     "resolve_weights_path",
@@ -357,24 +356,6 @@ def config_classes(config: Mapping[str, Any]) -> int:
 def config_in_chans(config: Mapping[str, Any]) -> int:
     """Image channels a checkpoint's model takes."""
     return int(config.get("in_chans") or config["model_args"].get("in_chans", 3))
-
-
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A state_dict file (``.safetensors``, or ``.pt``/``.pth`` read with ``weights_only=True``), e.g. pretrained
-    weights; a ``{'state_dict' | 'model' | 'model_state_dict': ...}`` wrapper is unwrapped."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path}")
-    if path.suffix == ".safetensors":
-        state: Any = read_weights(path)[0]
-    else:
-        state = _torch_load(path, "weights file")
-    for key in ("state_dict", "model", "model_state_dict"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"weights file {path} does not hold a state_dict of tensors")
-    return state
 
 
 def load_model(source: str | os.PathLike, model_kwargs: Mapping[str, Any] | None = None,
