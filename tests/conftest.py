@@ -93,6 +93,21 @@ def spy():
     return strategy_used
 
 
+@pytest.fixture
+def cli_error(capsys):
+    """``cli_error(command)``: the one line ``condconv COMMAND`` printed on stderr (and nothing else there: no
+    traceback, no second error line)."""
+
+    def read(command: str) -> str:
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        errors = [line for line in err if line.startswith(f"condconv {command}: error: ")]
+        assert len(errors) == 1, err
+        assert not any(line.startswith("Traceback") for line in err), err
+        return errors[0]
+
+    return read
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny-shape tests: one intra-op thread (on a busy 2-core machine, thread hand-offs cost more than the maths)."""

@@ -49,15 +49,6 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _error(capsys, command: str) -> str:
-    """The one line ``condconv COMMAND`` printed on stderr (and nothing else there)."""
-    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    errors = [line for line in err if line.startswith(f"condconv {command}: error: ")]
-    assert len(errors) == 1, err
-    assert not any(line.startswith("Traceback") for line in err), err
-    return errors[0]
-
-
 def _snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
     """Every file under ``folder`` (but the lock file) with its bytes and modification time."""
     return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
@@ -101,7 +92,7 @@ print("done", result.steps, flush=True)
 """
 
 
-def test_second_process_on_a_run_folder_is_refused_naming_the_first(tmp_path, capsys):
+def test_second_process_on_a_run_folder_is_refused_naming_the_first(tmp_path, capsys, cli_error):
     out = tmp_path / "run"
     args = ["train", *TINY, "--epochs", "2", "--checkpoint-every", "1", "--out", str(out)]
     first = subprocess.Popen([sys.executable, "-c", _HOLD_AT_STEP, *args], env=_env(), stdin=subprocess.PIPE,
@@ -113,7 +104,7 @@ def test_second_process_on_a_run_folder_is_refused_naming_the_first(tmp_path, ca
         # a second run into the same folder, fresh or resumed, stops before touching anything
         for argv in (args, ["train", "--resume", str(out), "--no-progress"]):
             assert main(argv) == 2
-            message = _error(capsys, "train")
+            message = cli_error("train")
             assert f"run folder {out} is in use by process {first.pid} on {socket.gethostname()}" in message
         assert _snapshot(out) == before
         first.stdin.write("\n")
@@ -129,12 +120,12 @@ def test_second_process_on_a_run_folder_is_refused_naming_the_first(tmp_path, ca
     assert (out / ".lock").read_text() == ""  # released
 
 
-def test_sweep_folder_is_locked_and_a_stale_lock_is_taken_over(tmp_path, capsys, caplog):
+def test_sweep_folder_is_locked_and_a_stale_lock_is_taken_over(tmp_path, capsys, caplog, cli_error):
     folder = tmp_path / "sweep"
     with folder_lock(folder, "sweep folder"):
         assert main(["sweep", "--widths", "0.25", "--experts", "1", "--seeds", "0", *TINY[4:], "--epochs", "1",
                      "--out", str(folder)]) == 2  # fmt: skip
-        assert f"sweep folder {folder} is in use by process {os.getpid()}" in _error(capsys, "sweep")
+        assert f"sweep folder {folder} is in use by process {os.getpid()}" in cli_error("sweep")
         with pytest.raises(FolderBusyError, match="in use by process"):
             with folder_lock(folder):
                 pass
@@ -160,10 +151,10 @@ def test_a_file_system_without_locks_warns_and_goes_on(tmp_path, monkeypatch, ca
 
 
 # ------------------------------------------------------------------------------------------------ non-finite values
-def test_exploding_run_never_writes_a_non_finite_checkpoint(tmp_path, capsys):
+def test_exploding_run_never_writes_a_non_finite_checkpoint(tmp_path, capsys, cli_error):
     out = tmp_path / "run"
     assert main(["train", *TINY, "--epochs", "3", "--lr", "1e6", "--checkpoint-every", "1", "--out", str(out)]) == 2
-    message = _error(capsys, "train")
+    message = cli_error("train")
     assert re.search(r"non-finite (loss \(\w+\)|values in \S+) at epoch \d+, step \d+: training stopped; last good "
                      r"checkpoint: ", message), message
     named = message.split("last good checkpoint: ")[1].split(" (")[0]
@@ -174,14 +165,14 @@ def test_exploding_run_never_writes_a_non_finite_checkpoint(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------------------ resume
-def test_resume_never_rewrites_history(tmp_path, capsys):
+def test_resume_never_rewrites_history(tmp_path, capsys, cli_error):
     run = tmp_path / "run"
     assert main(["train", *TINY, "--epochs", "2", "--out", str(run)]) == 0
     capsys.readouterr()
     before = _snapshot(run)
     # fewer epochs than already trained: refused, nothing touched
     assert main(["train", "--resume", str(run), "--epochs", "1", "--no-progress"]) == 2
-    assert "--epochs must be >= 2 to resume" in _error(capsys, "train")
+    assert "--epochs must be >= 2 to resume" in cli_error("train")
     with pytest.raises(OptionError, match=r"^epochs must be >= 2 to resume .*already trained 2 of its 2 epochs"):
         train_model(TrainConfig(resume=str(run), epochs=1, progress=False))
     assert _snapshot(run) == before
@@ -198,7 +189,7 @@ def test_resume_never_rewrites_history(tmp_path, capsys):
     assert float(rows[1][2]) == 0.0 < float(rows[2][2])  # lr: the end of the first cosine, then the new one
     # options that define the model may not change
     assert main(["train", "--resume", str(run), "--epochs", "5", "--width", "0.5", "--no-progress"]) == 2
-    assert "--width cannot change when a run is resumed" in _error(capsys, "train")
+    assert "--width cannot change when a run is resumed" in cli_error("train")
     with pytest.raises(OptionError, match=r"^width cannot change .* start from it with init\)"):
         train_model(TrainConfig(resume=str(run), epochs=5, width=0.5, progress=False))
 
@@ -225,7 +216,7 @@ IMAGE_ARGS = ["--image-size", "16", "--width", "0.25", "--experts", "2", "--batc
               "--workers", "2", "--no-progress"]  # fmt: skip
 
 
-def test_unreadable_images_are_all_reported_before_the_first_step(tmp_path, capsys, caplog):
+def test_unreadable_images_are_all_reported_before_the_first_step(tmp_path, capsys, caplog, cli_error):
     from PIL import Image
 
     data = tmp_path / "data"
@@ -237,7 +228,7 @@ def test_unreadable_images_are_all_reported_before_the_first_step(tmp_path, caps
     out = tmp_path / "run"
     with caplog.at_level(logging.WARNING, logger="condconv"):
         assert main(["train", "--dataset", str(data), *IMAGE_ARGS, "--out", str(out)]) == 2
-    message = _error(capsys, "train")
+    message = cli_error("train")
     assert "2 image file(s) cannot be read (1 of 9 train, 1 of 5 test)" in message
     assert str(data / "train" / "a" / "bad.jpg") in message and str(data / "val" / "b" / "bad.png") in message
     assert "--skip-bad-images" in message and not (out / "checkpoints").exists()
@@ -253,7 +244,7 @@ def test_unreadable_images_are_all_reported_before_the_first_step(tmp_path, caps
 
 
 @pytest.mark.parametrize("split", ["train", "val"])
-def test_image_that_fails_only_when_decoded_in_a_worker_is_named_in_one_line(tmp_path, capsys, split):
+def test_image_that_fails_only_when_decoded_in_a_worker_is_named_in_one_line(tmp_path, capsys, split, cli_error):
     data = tmp_path / "data"
     _image_tree(data, np.random.default_rng(1))
     bad = data / split / "b" / "1.png"
@@ -261,7 +252,7 @@ def test_image_that_fails_only_when_decoded_in_a_worker_is_named_in_one_line(tmp
     _truncate(bad)
     out = tmp_path / "run"
     assert main(["train", "--dataset", str(data), *IMAGE_ARGS, "--out", str(out)]) == 2
-    assert _error(capsys, "train").startswith(f"condconv train: error: cannot decode image file {bad}: image file is "
+    assert cli_error("train").startswith(f"condconv train: error: cannot decode image file {bad}: image file is "
                                               "truncated")
     if split == "val":  # the epoch was saved before its evaluation: fixing the file and resuming loses nothing
         assert latest_checkpoint(out).name == "step-00000004" and not (out / "model.safetensors").exists()
@@ -306,20 +297,22 @@ def _never(*args, **kwargs):
 
 
 @pytest.mark.parametrize("command,args,work", UNWRITABLE, ids=[c[0] for c in UNWRITABLE])
-def test_unwritable_output_fails_first_in_one_line(command, args, work, checkpoint, tmp_path, capsys, monkeypatch):
+def test_unwritable_output_fails_first_in_one_line(command, args, work, checkpoint, tmp_path, capsys, monkeypatch,
+                                                   cli_error):
     blocker = tmp_path / "a-file"  # a path under a regular file: fails for root too
     blocker.write_text("")
     monkeypatch.setattr(work, _never)
     argv = [command, *(a.replace("OUT", str(blocker)).replace("CK", str(checkpoint)) for a in args)]
     assert main(argv) == 2
-    assert f"cannot write {blocker}/" in (message := _error(capsys, command)), message
+    assert f"cannot write {blocker}/" in (message := cli_error(command)), message
     assert message.endswith(f"{blocker} is a file, not a folder"), message
 
 
 @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0,
                     reason="root writes into read-only folders: the path-under-a-file case covers root")
 @pytest.mark.parametrize("command,args,work", UNWRITABLE, ids=[c[0] for c in UNWRITABLE])
-def test_read_only_folder_fails_first_in_one_line(command, args, work, checkpoint, tmp_path, capsys, monkeypatch):
+def test_read_only_folder_fails_first_in_one_line(command, args, work, checkpoint, tmp_path, capsys, monkeypatch,
+                                                  cli_error):
     folder = tmp_path / "read-only"
     folder.mkdir()
     folder.chmod(0o500)
@@ -327,19 +320,19 @@ def test_read_only_folder_fails_first_in_one_line(command, args, work, checkpoin
     try:
         argv = [command, *(a.replace("OUT", str(folder)).replace("CK", str(checkpoint)) for a in args)]
         assert main(argv) == 2
-        assert "permission denied" in _error(capsys, command)
+        assert "permission denied" in cli_error(command)
     finally:
         folder.chmod(0o700)
 
 
-def test_writable_checks_name_what_is_wrong_and_create_nothing(tmp_path, capsys):
+def test_writable_checks_name_what_is_wrong_and_create_nothing(tmp_path, capsys, cli_error):
     with pytest.raises(OutputError, match=r"^cannot write .*: it is a folder$"):
         check_writable(tmp_path)  # a file to be written that is a folder
     assert str(check_writable(tmp_path / "new" / "x.json")).endswith("x.json")
     assert main(["train", "--resume", str(tmp_path / "nothing")]) == 2
-    assert _error(capsys, "train").endswith(f"no checkpoint to resume: {tmp_path / 'nothing'} does not exist")
+    assert cli_error("train").endswith(f"no checkpoint to resume: {tmp_path / 'nothing'} does not exist")
     assert main(["eval", str(tmp_path / "nothing"), "--json", str(tmp_path / "new" / "eval.json")]) == 2
-    assert _error(capsys, "eval").endswith(f"checkpoint not found: {tmp_path / 'nothing'}")
+    assert cli_error("eval").endswith(f"checkpoint not found: {tmp_path / 'nothing'}")
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no folder made for an output never written
 
 
@@ -367,11 +360,11 @@ class _FullDisk:
         return handle
 
 
-def test_full_disk_during_a_checkpoint_leaves_nothing_behind_and_resume_works(tmp_path, capsys, monkeypatch):
+def test_full_disk_during_a_checkpoint_leaves_nothing_behind_and_resume_works(tmp_path, capsys, monkeypatch, cli_error):
     out = tmp_path / "run"
     monkeypatch.setattr(checkpoint_mod, "open", _FullDisk(fail_at=2), raising=False)
     assert main(["train", *TINY, "--epochs", "2", "--checkpoint-every", "1", "--out", str(out)]) == 2
-    message = _error(capsys, "train")
+    message = cli_error("train")
     assert re.fullmatch(rf"condconv train: error: cannot write {re.escape(str(out))}/checkpoints/step-00000002/"
                         r"state\.pt: no space left on the device \([\d.]+ MiB needed, [\d.]+ MiB free on .+\)", message)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step-00000001"]
@@ -406,9 +399,9 @@ def test_version_and_verbose_before_or_after_every_subcommand(command, capsys):
         assert exc.value.code == 0
 
 
-def test_verbose_after_the_subcommand_gives_the_traceback_and_keeps_libraries_quiet(capsys):
+def test_verbose_after_the_subcommand_gives_the_traceback_and_keeps_libraries_quiet(capsys, cli_error):
     assert main(["macs", "resnet5"]) == 2
-    assert "did you mean 'resnet50'" in _error(capsys, "macs")
+    assert "did you mean 'resnet50'" in cli_error("macs")
     with pytest.raises(ValueError, match="unknown model 'resnet5'"):
         main(["macs", "resnet5", "-v"])
     assert logging.getLogger("condconv").getEffectiveLevel() == logging.DEBUG
@@ -422,10 +415,10 @@ def test_verbose_after_the_subcommand_gives_the_traceback_and_keeps_libraries_qu
     (["bench", "--batch", "0"], "argument --batch: expected a positive int, got 0"),
     (["train", "--lr", "-1"], None),
 ])  # fmt: skip
-def test_bad_values_are_named_by_their_flag(argv, message, capsys):
+def test_bad_values_are_named_by_their_flag(argv, message, capsys, cli_error):
     if message is None:
         assert main(argv) == 2
-        assert _error(capsys, argv[0]) == "condconv train: error: --lr must be a positive number, got -1.0"
+        assert cli_error(argv[0]) == "condconv train: error: --lr must be a positive number, got -1.0"
         return
     with pytest.raises(SystemExit) as exc:
         main(argv)
@@ -470,7 +463,7 @@ class _RunsCode:
         return (os.system, (f"touch {self.marker}",))
 
 
-def test_pickles_that_would_run_code_are_refused_in_one_line(tiny_run, tmp_path, capsys):
+def test_pickles_that_would_run_code_are_refused_in_one_line(tiny_run, tmp_path, capsys, cli_error):
     marker = tmp_path / "ran"
     evil = tmp_path / "evil.pt"
     torch.save({"format": 1, "state_dict": {"x": _RunsCode(marker)}}, evil)
@@ -478,11 +471,11 @@ def test_pickles_that_would_run_code_are_refused_in_one_line(tiny_run, tmp_path,
     shutil.copytree(tiny_run, run)
     shutil.copy(evil, latest_checkpoint(run) / "state.pt")
     assert main(["train", "--resume", str(run), "--epochs", "3", "--no-progress"]) == 2
-    assert _error(capsys, "train") == (
+    assert cli_error("train") == (
         f"condconv train: error: refusing to load training state {latest_checkpoint(run)}/state.pt: it holds objects "
         "other than tensors, numbers and plain containers (posix.system), which are never loaded")
     assert main(["convert", "resnet18_cifar", "--weights", str(evil), "--out", str(tmp_path / "cc")]) == 2
-    assert _error(capsys, "convert").startswith(f"condconv convert: error: refusing to load weights file {evil}: ")
+    assert cli_error("convert").startswith(f"condconv convert: error: refusing to load weights file {evil}: ")
     assert not marker.exists()
 
 

@@ -154,21 +154,12 @@ GRID = ["--widths", "0.25", "--experts", "1", "--seeds", "0", "--train-size", "3
         "--epochs", "1", "--no-progress", "--no-plot"]  # fmt: skip
 
 
-def _error(capsys, command: str) -> str:
-    """The one line ``condconv COMMAND`` printed on stderr (and nothing else there)."""
-    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    errors = [line for line in err if line.startswith(f"condconv {command}: error: ")]
-    assert len(errors) == 1, err
-    assert not any(line.startswith("Traceback") for line in err), err
-    return errors[0]
-
-
 @pytest.mark.parametrize("key,value,flag", [("width_mult", "0.5", "--width"), ("num_experts", "8", "--experts"),
                                             ("conv", "static", "--conv"), ("dropout", "0.1", "--dropout")])
-def test_model_kwargs_set_by_a_flag_are_refused_naming_the_flag(key, value, flag, tmp_path, capsys):
+def test_model_kwargs_set_by_a_flag_are_refused_naming_the_flag(key, value, flag, tmp_path, capsys, cli_error):
     out = tmp_path / "run"
     assert main(["train", *TINY, "--epochs", "1", "--model-kwargs", f"{key}={value}", "--out", str(out)]) == 2
-    message = _error(capsys, "train")
+    message = cli_error("train")
     assert "--model-kwargs must not set" in message and f"use {flag} instead" in message, message
     assert not out.exists()
     with pytest.raises(ValueError, match=f"model_kwargs must not set .*use {flag[2:]} instead"):
@@ -176,10 +167,10 @@ def test_model_kwargs_set_by_a_flag_are_refused_naming_the_flag(key, value, flag
 
 
 @pytest.mark.parametrize("key,flag", [("width_mult", "--widths"), ("num_experts", "--experts")])
-def test_sweep_refuses_model_kwargs_that_the_grid_sets(key, flag, tmp_path, capsys):
+def test_sweep_refuses_model_kwargs_that_the_grid_sets(key, flag, tmp_path, capsys, cli_error):
     out = tmp_path / "sweep"
     assert main(["sweep", *GRID, "--model-kwargs", f"{key}=1", "--out", str(out)]) == 2
-    assert f"use {flag} instead" in _error(capsys, "sweep")
+    assert f"use {flag} instead" in cli_error("sweep")
     assert not out.exists()
     with pytest.raises(ValueError, match=f"use {flag[2:]} instead"):
         sweep_grid({"model_kwargs": {key: 1}}, widths=[0.25], experts=[1], seeds=[0], out=out)
@@ -189,28 +180,28 @@ def test_sweep_refuses_model_kwargs_that_the_grid_sets(key, flag, tmp_path, caps
 @pytest.mark.parametrize("grid,flag", [(["--seeds", "0", "0"], "--seeds"), (["--widths", "0.25", "0.25"], "--widths"),
                                        (["--experts", "2", "1", "2"], "--experts"),
                                        (["--seeds", str(2**32)], "--seeds")])
-def test_sweep_refuses_repeated_or_out_of_range_grid_values(grid, flag, tmp_path, capsys):
+def test_sweep_refuses_repeated_or_out_of_range_grid_values(grid, flag, tmp_path, capsys, cli_error):
     out = tmp_path / "sweep"
     assert main(["sweep", *GRID, *grid, "--out", str(out)]) == 2
-    message = _error(capsys, "sweep")
+    message = cli_error("sweep")
     assert f"error: {flag} must" in message, message
     assert not out.exists()
 
 
 @pytest.mark.parametrize("extra", [["--conv", "static"],
                                    ["--model-kwargs", "dynamic_blocks=0", "dynamic_classifier=false"]])
-def test_a_grid_point_whose_model_has_other_experts_is_refused_before_training(extra, tmp_path, capsys):
+def test_a_grid_point_whose_model_has_other_experts_is_refused_before_training(extra, tmp_path, capsys, cli_error):
     out = tmp_path / "sweep"
     assert main(["sweep", *GRID, "--experts", "1", "2", *extra, "--out", str(out)]) == 2
-    message = _error(capsys, "sweep")
+    message = cli_error("sweep")
     assert "--experts 2 cannot be trained with these settings: the model built for it" in message, message
     assert not (out / "runs").exists() and not (out / "sweep.json").exists()
 
 
-def test_num_classes_must_match_the_dataset_before_any_folder(tmp_path, capsys):
+def test_num_classes_must_match_the_dataset_before_any_folder(tmp_path, capsys, cli_error):
     out = tmp_path / "run"
     assert main(["train", *TINY, "--epochs", "1", "--model-kwargs", "num_classes=3", "--out", str(out)]) == 2
-    message = _error(capsys, "train")
+    message = cli_error("train")
     assert "num_classes=3 does not match the dataset digits, which has 10" in message, message
     assert not out.exists()
 
@@ -246,10 +237,10 @@ def test_config_summary_and_runs_record_the_model_that_was_built(tmp_path, capsy
     (["--seed", str(2**32)], "--seed must be an int in [0, 4294967295]"),
     (["--seed", "-1"], "--seed must be an int in [0, 4294967295]"),
 ])  # fmt: skip
-def test_numeric_options_are_checked_with_their_relations_before_any_folder(argv, message, tmp_path, capsys):
+def test_numeric_options_are_checked_with_their_relations_before_any_folder(argv, message, tmp_path, capsys, cli_error):
     out = tmp_path / "run"
     assert main(["train", *TINY, "--epochs", "1", *argv, "--out", str(out)]) == 2
-    assert message in _error(capsys, "train")
+    assert message in cli_error("train")
     assert not out.exists()
 
 
@@ -261,10 +252,10 @@ def test_the_largest_seed_trains(tmp_path):
                  "--out", str(tmp_path / "run")]) == 0
 
 
-def test_convert_seed_and_macs_modules_are_range_checked(tmp_path, capsys):
+def test_convert_seed_and_macs_modules_are_range_checked(tmp_path, capsys, cli_error):
     out = tmp_path / "cc"
     assert main(["convert", "resnet18_cifar", "--seed", str(2**64), "--out", str(out)]) == 2
-    assert "error: --seed must be an int in [0, 4294967295]" in _error(capsys, "convert")
+    assert "error: --seed must be an int in [0, 4294967295]" in cli_error("convert")
     assert not out.exists()
     with pytest.raises(SystemExit) as info:
         main(["macs", "resnet18_cifar", "--modules", "-1"])
@@ -286,7 +277,7 @@ def test_the_written_onnx_file_declares_the_opset_asked_for(opset, exporter, tmp
     assert onnx_file_opset(path) == opset
 
 
-def test_an_opset_the_exporter_does_not_write_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+def test_an_opset_the_exporter_does_not_write_is_refused_before_any_work(tmp_path, capsys, monkeypatch, cli_error):
     pytest.importorskip("onnx")
     import condconv.deploy.export as export
 
@@ -300,7 +291,7 @@ def test_an_opset_the_exporter_does_not_write_is_refused_before_any_work(tmp_pat
                                              r"\(18 to \d+\): use exporter torchscript \(7 to \d+\)"):
             export.export_model(_tiny_model(), out, "onnx", (3, 8, 8), 11, exporter="dynamo")
     assert main(["export", "resnet18_cifar", "--opset", "99", "--out", str(out)]) == 2
-    assert "error: --opset 99 is outside what the ONNX exporters write here" in _error(capsys, "export")
+    assert "error: --opset 99 is outside what the ONNX exporters write here" in cli_error("export")
     assert not out.exists()
 
 
@@ -321,20 +312,20 @@ def _never(*args, **kwargs):
     raise AssertionError("the work started before the request was checked")
 
 
-def test_a_model_that_would_not_fit_in_memory_is_refused_before_allocation(tmp_path, capsys, monkeypatch):
+def test_a_model_that_would_not_fit_in_memory_is_refused_before_allocation(tmp_path, capsys, monkeypatch, cli_error):
     import condconv.training.budget as budget
 
     monkeypatch.setattr(budget, "available_memory", lambda device="cpu": (2**20, "a test limit"))
     monkeypatch.setattr("condconv.models.checkpoint.build_model", _never_on_cpu(condconv.models.checkpoint.build_model))
     out = tmp_path / "run"
     assert main(["train", *TINY, "--epochs", "1", "--out", str(out)]) == 2
-    message = _error(capsys, "train")
+    message = cli_error("train")
     assert re.search(r"would not fit in memory: training it needs at least [\d.]+ MiB \([\d,]+ parameters: .*\), "
                      r"1\.0 MiB available \(a test limit\): use fewer experts", message), message
     assert not out.exists()
     out = tmp_path / "sweep"
     assert main(["sweep", *GRID, "--experts", "2", "--out", str(out)]) == 2
-    assert "grid point width=0.25, experts=2 would not fit in memory" in _error(capsys, "sweep")
+    assert "grid point width=0.25, experts=2 would not fit in memory" in cli_error("sweep")
     assert not (out / "runs").exists()
 
 
@@ -383,15 +374,15 @@ def _edited(run: Path, tmp_path: Path, **changes) -> Path:
     return copy
 
 
-def test_an_edited_config_is_refused_by_resume_and_eval_naming_the_keys(one_epoch_run, tmp_path, capsys):
+def test_an_edited_config_is_refused_by_resume_and_eval_naming_the_keys(one_epoch_run, tmp_path, capsys, cli_error):
     run = _edited(one_epoch_run, tmp_path, epochs=2)
     weights = (run / "model.safetensors").read_bytes()
     assert main(["train", "--resume", str(run), "--no-progress"]) == 2
-    message = _error(capsys, "train")
+    message = cli_error("train")
     assert "config.yaml no longer matches the checkpoint" in message and "epochs (1 -> 2)" in message, message
     assert "--accept-config-change" in message
     assert main(["eval", str(run), "--no-progress"]) == 2
-    message = _error(capsys, "eval")
+    message = cli_error("eval")
     assert "epochs (1 -> 2)" in message and "--accept-config-change" in message, message
     assert (run / "model.safetensors").read_bytes() == weights
     assert main(["eval", str(run), "--no-progress", "--accept-config-change"]) == 0
@@ -405,12 +396,12 @@ def test_accepting_a_raised_epochs_trains_the_extra_epochs(one_epoch_run, tmp_pa
     assert main(["eval", str(run), "--no-progress"]) == 0  # config.yaml and the weights agree again
 
 
-def test_keys_that_cannot_change_on_resume_are_refused_even_when_accepting(one_epoch_run, tmp_path, capsys):
+def test_keys_that_cannot_change_on_resume_are_refused_even_when_accepting(one_epoch_run, tmp_path, capsys, cli_error):
     run = _edited(one_epoch_run, tmp_path, lr=0.2, epochs=2)
     for command in ("train", "eval"):
         argv = ["train", "--resume", str(run)] if command == "train" else ["eval", str(run)]
         assert main([*argv, "--no-progress", "--accept-config-change"]) == 2
-        message = _error(capsys, command)
+        message = cli_error(command)
         assert "lr (0.05 -> 0.2)" in message and "restore lr in it" in message, message
     with pytest.raises(ValueError, match=r"no longer matches .*lr \(0.05 -> 0.2\)"):
         condconv.evaluate_checkpoint(run)
@@ -419,7 +410,7 @@ def test_keys_that_cannot_change_on_resume_are_refused_even_when_accepting(one_e
 # ---------------------------------------------------------------------------------------------------------------
 # 5. clear messages from the command line
 # ---------------------------------------------------------------------------------------------------------------
-def test_a_weights_file_that_does_not_fit_names_the_file_and_the_first_keys(tmp_path, capsys):
+def test_a_weights_file_that_does_not_fit_names_the_file_and_the_first_keys(tmp_path, capsys, cli_error):
     from safetensors.torch import save_file
 
     args = {"num_classes": 10, "width_mult": 0.25}
@@ -433,7 +424,7 @@ def test_a_weights_file_that_does_not_fit_names_the_file_and_the_first_keys(tmp_
     out = tmp_path / "cc"
     assert main(["convert", "resnet18_cifar", "--model-kwargs", "num_classes=10", "width_mult=0.25",
                  "--weights", str(bad), "--out", str(out)]) == 2
-    message = _error(capsys, "convert")
+    message = cli_error("convert")
     assert f"pretrained weights {bad} (" in message and "do not fit resnet18_cifar" in message, message
     assert f"missing [{first}]" in message and "unexpected [extra.weight]" in message
     assert "mis-shaped [head.fc.weight (3, 128) -> head.fc.weight (10, 128)]" in message
